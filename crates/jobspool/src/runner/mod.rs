@@ -1,0 +1,1043 @@
+//! The runner: claims jobs and runs a handler for each, in N slots, until it is told to stop.
+//!
+//! What it guarantees, and how:
+//!
+//! - **Every job ends done or dead**, following the exit-code contract in [`outcome`]. Each
+//!   attempt's output is appended to the job's log between a header and a trailer.
+//! - **No handler outlives its job or the runner.** Handlers run in their own process group with
+//!   the parent-death signal set ([`child`]); timeouts, lease loss and shutdown signal the whole
+//!   group, and whatever a handler leaves in its group when it exits is killed.
+//! - **A lost lease stops the work.** Each running job's lease is heartbeated; when the
+//!   heartbeat finds it lost, the handler is stopped and the job is not acknowledged.
+//! - **Shutdown is bounded.** Signals are events on a channel ([`signals`]). SIGTERM or SIGINT
+//!   stops claiming and lets running jobs finish within the grace period; then their groups get
+//!   SIGTERM, then SIGKILL after a short deadline; unfinished jobs go back to ready without a
+//!   failure counted. A second SIGTERM/SIGINT (or SIGQUIT) skips the grace period. Other signals
+//!   never cancel a shutdown.
+//! - **Idle costs nothing.** The runner sleeps until the store's watch reports new work, a
+//!   scheduled job comes due, or its periodic tick (registration heartbeat and reclaim of
+//!   expired leases) is due. There is no polling loop.
+
+pub mod child;
+mod orphans;
+pub mod outcome;
+mod signals;
+
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::io::{IsTerminal, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{Notify, watch};
+use tokio::task::JoinSet;
+use tokio::time::sleep_until;
+
+use self::child::Spawn;
+use self::outcome::{Decision, Ended, decide};
+use self::signals::Sig;
+use crate::config::{Backoff, format_duration};
+use crate::error::{Error, Result};
+use crate::job::{Job, JobId, format_ms, now_ms};
+use crate::store::{Claim, Event, EventKind, JobLog, Lease, RunnerStatus, Store, Wakeup};
+
+/// The longest a stopped handler gets between SIGTERM and SIGKILL.
+pub const KILL_AFTER: Duration = Duration::from_secs(5);
+
+/// How often leftover temp files and old logs are collected.
+const GC_EVERY: Duration = Duration::from_secs(3600);
+
+/// How long the runner waits after a store error before claiming again.
+const ERROR_PAUSE: Duration = Duration::from_secs(1);
+
+/// A handler function's failure.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HandlerError {
+    /// Try again later (like exit 75).
+    Retry(String),
+    /// Never try again (like exit 100).
+    Permanent(String),
+    /// Failed; retried until attempts are exhausted (like any other exit code).
+    Failed(String),
+}
+
+/// What a handler function sees.
+pub struct JobContext {
+    /// The job.
+    pub job: Job,
+    /// This attempt's number (1 for the first).
+    pub attempt: u32,
+    cancel: Arc<AtomicBool>,
+}
+
+impl JobContext {
+    /// True once the runner wants the function to stop early (timeout, lease lost, shutdown).
+    /// Functions cannot be killed; long ones should check this and return.
+    pub fn cancelled(&self) -> bool {
+        self.cancel.load(Ordering::Relaxed)
+    }
+}
+
+/// A handler function run in-process, on a blocking thread.
+pub type HandlerFn = Arc<dyn Fn(&JobContext) -> std::result::Result<(), HandlerError> + Send + Sync>;
+
+/// What runs for each job.
+#[derive(Clone)]
+pub enum Handler {
+    /// A program and its arguments, run with the payload on standard input.
+    Command(Vec<OsString>),
+    /// A function, run in this process.
+    Function(HandlerFn),
+    /// Nothing but the jobs' own commands (requires `allow_job_commands`).
+    JobCommands,
+}
+
+/// How a runner runs. Unset limits come from the queue's configuration.
+#[derive(Clone)]
+pub struct RunnerOptions {
+    /// Jobs run at once.
+    pub slots: usize,
+    /// Exit once nothing is ready, scheduled or running.
+    pub drain: bool,
+    /// Lease duration.
+    pub lease: Option<Duration>,
+    /// Time limit per attempt, for jobs that set none.
+    pub timeout: Option<Duration>,
+    /// How long running jobs may take to finish after SIGTERM/SIGINT.
+    pub grace: Duration,
+    /// How long a handler gets between SIGTERM and SIGKILL.
+    pub kill_after: Duration,
+    /// Attempt limit, for jobs that set none.
+    pub max_attempts: Option<u32>,
+    /// Delay between attempts.
+    pub backoff: Option<Backoff>,
+    /// Run jobs that carry their own command.
+    pub allow_job_commands: bool,
+    /// The handler.
+    pub handler: Handler,
+    /// Show a one-line progress display on standard error (when it is a terminal).
+    pub progress: bool,
+}
+
+impl RunnerOptions {
+    /// Options for running `handler` with the defaults of the command line.
+    pub fn new(handler: Handler) -> RunnerOptions {
+        RunnerOptions {
+            slots: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            drain: false,
+            lease: None,
+            timeout: None,
+            grace: Duration::from_secs(30),
+            kill_after: KILL_AFTER,
+            max_attempts: None,
+            backoff: None,
+            allow_job_commands: false,
+            handler,
+            progress: false,
+        }
+    }
+}
+
+/// What a run did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RunReport {
+    /// Jobs done.
+    pub done: u64,
+    /// Attempts that failed and were retried.
+    pub retried: u64,
+    /// Jobs that went dead.
+    pub dead: u64,
+    /// Jobs given back at shutdown.
+    pub released: u64,
+    /// Attempts abandoned because their lease was lost.
+    pub lease_lost: u64,
+    /// Claims of other (dead or stuck) claimers taken back.
+    pub reclaimed: u64,
+}
+
+struct Settings {
+    lease: Duration,
+    heartbeat: Duration,
+    timeout: Duration,
+    max_attempts: u32,
+    backoff: Backoff,
+    kill_after: Duration,
+}
+
+struct Shared {
+    store: Arc<dyn Store>,
+    settings: Settings,
+    handler: Handler,
+    allow_job_commands: bool,
+    runner_id: String,
+    host: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stop {
+    Run,
+    Term,
+    Kill,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Phase {
+    Running,
+    /// Waiting for running jobs until the grace deadline.
+    Draining(Instant),
+    /// Groups got SIGTERM; SIGKILL at the deadline.
+    Terminating(Instant),
+    /// Groups got SIGKILL; waiting for them to be reaped.
+    Killing,
+}
+
+struct JobEnd {
+    id: JobId,
+    attempt: u32,
+    ended: Ended,
+    decision: Decision,
+    took: Duration,
+    error: Option<Error>,
+}
+
+/// Runs a blocking store call off the async thread.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(v) => v,
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
+    }
+}
+
+/// Runs until stopped by a signal (or, with `drain`, until the queue is empty), on a runtime of
+/// its own. Handlers are started from the calling thread, which must outlive the run.
+pub fn run(store: Arc<dyn Store>, opts: RunnerOptions) -> Result<RunReport> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Error::io(store.target(), "starting the runtime", e))?;
+    rt.block_on(run_async(store, opts))
+}
+
+/// The runner's event loop.
+pub async fn run_async(store: Arc<dyn Store>, opts: RunnerOptions) -> Result<RunReport> {
+    // Signals first: until they are handled, SIGTERM or SIGALRM would kill the runner outright.
+    let mut sigs = signals::listen().map_err(|e| Error::io(store.target(), "installing signal handlers", e))?;
+    if opts.slots == 0 {
+        return Err(Error::Invalid("a runner needs at least one slot (-j 1 or more)".into()));
+    }
+    if matches!(&opts.handler, Handler::Command(argv) if argv.is_empty()) {
+        return Err(Error::Invalid(
+            "no handler: give a command after --, or --allow-job-commands".into(),
+        ));
+    }
+    if matches!(opts.handler, Handler::JobCommands) && !opts.allow_job_commands {
+        return Err(Error::Invalid(
+            "no handler: give a command after --, or --allow-job-commands to run the jobs' own commands".into(),
+        ));
+    }
+    let cfg = store.config().clone();
+    let lease = opts.lease.unwrap_or(cfg.lease).max(Duration::from_millis(100));
+    let settings = Settings {
+        lease,
+        heartbeat: (lease / 3).max(Duration::from_millis(30)),
+        timeout: opts.timeout.unwrap_or(cfg.timeout),
+        max_attempts: opts.max_attempts.unwrap_or(cfg.max_attempts).max(1),
+        backoff: opts.backoff.unwrap_or(cfg.backoff),
+        kill_after: opts.kill_after,
+    };
+    let tick_every = settings.heartbeat.min(Duration::from_secs(10));
+    let mut status = RunnerStatus::for_this_process(opts.slots as u32);
+    let runner_id = {
+        let (s, st) = (Arc::clone(&store), status.clone());
+        blocking(move || s.announce(&st)).await?
+    };
+    let shared = Arc::new(Shared {
+        store: Arc::clone(&store),
+        settings,
+        handler: opts.handler.clone(),
+        allow_job_commands: opts.allow_job_commands,
+        runner_id: runner_id.clone(),
+        host: status.host.clone(),
+    });
+    tracing::info!(
+        queue = store.target(),
+        runner = %runner_id,
+        slots = opts.slots,
+        lease = %format_duration(shared.settings.lease),
+        "runner started"
+    );
+
+    let work = Arc::new(Notify::new());
+    let runner_exited = Arc::new(Notify::new());
+    let watch_guard = {
+        let (w, r) = (Arc::clone(&work), Arc::clone(&runner_exited));
+        store.watch(Arc::new(move |wake: Wakeup| {
+            if wake.work {
+                w.notify_one();
+            }
+            if wake.runner_exited {
+                r.notify_one();
+            }
+        }))?
+    };
+
+    let (stop_tx, stop_rx) = watch::channel(Stop::Run);
+    let mut jobs: JoinSet<JobEnd> = JoinSet::new();
+    let mut running: HashMap<tokio::task::Id, (JobId, u32, Instant)> = HashMap::new();
+    let mut report = RunReport::default();
+    let mut phase = Phase::Running;
+    let mut next_tick = tokio::time::Instant::now();
+    let mut next_gc = Instant::now();
+    let mut paused_until: Option<tokio::time::Instant> = None;
+    let mut progress = Progress::new(opts.progress && std::io::stderr().is_terminal());
+    let mut died_before = 0u64;
+
+    loop {
+        let now = tokio::time::Instant::now();
+        if paused_until.is_some_and(|t| t <= now) {
+            paused_until = None;
+        }
+        // Claim while there are free slots.
+        if phase == Phase::Running && paused_until.is_none() {
+            while jobs.len() < opts.slots {
+                let s = Arc::clone(&store);
+                let lease = shared.settings.lease;
+                match blocking(move || s.claim(lease)).await {
+                    Ok(Some(claim)) => {
+                        let attempt = claim.lease.attempt;
+                        let id = claim.lease.id.clone();
+                        let handle = jobs.spawn(run_job(Arc::clone(&shared), claim, stop_rx.clone()));
+                        running.insert(handle.id(), (id, attempt, Instant::now()));
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::error!("claiming failed: {e}; trying again in {}", format_duration(ERROR_PAUSE));
+                        paused_until = Some(now + ERROR_PAUSE);
+                        break;
+                    }
+                }
+            }
+            if opts.drain && jobs.is_empty() && paused_until.is_none() {
+                let s = Arc::clone(&store);
+                match blocking(move || s.idle()).await {
+                    Ok(idle) if idle.is_idle() => break,
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!("completion check failed: {e}"),
+                }
+            }
+        } else if phase != Phase::Running && jobs.is_empty() {
+            break;
+        }
+
+        // Sleep until something happens.
+        let mut wake_at = next_tick;
+        if let Some(t) = paused_until {
+            wake_at = wake_at.min(t);
+        }
+        if phase == Phase::Running && jobs.len() < opts.slots {
+            let s = Arc::clone(&store);
+            if let Ok(Some(due)) = blocking(move || s.next_due()).await {
+                let wait = Duration::from_millis(due.saturating_sub(now_ms()));
+                wake_at = wake_at.min(tokio::time::Instant::now() + wait);
+            }
+        }
+        match phase {
+            Phase::Draining(t) | Phase::Terminating(t) => wake_at = wake_at.min(t.into()),
+            _ => {}
+        }
+        let claiming = phase == Phase::Running && jobs.len() < opts.slots;
+        tokio::select! {
+            biased;
+            Some(sig) = sigs.recv() => {
+                phase = on_signal(sig, phase, &opts, &stop_tx, &running, &report, jobs.len());
+            }
+            Some(joined) = jobs.join_next_with_id(), if !jobs.is_empty() => {
+                let end = match joined {
+                    Ok((task, end)) => {
+                        running.remove(&task);
+                        end
+                    }
+                    Err(e) => std::panic::resume_unwind(e.into_panic()),
+                };
+                account(&end, &mut report);
+                progress.show(&report, jobs.len(), opts.slots, false);
+            }
+            _ = work.notified(), if claiming => {}
+            _ = runner_exited.notified() => {
+                reclaim(&shared, &mut report).await;
+            }
+            _ = sleep_until(wake_at) => {}
+        }
+
+        let now = tokio::time::Instant::now();
+        if now >= next_tick {
+            next_tick = now + tick_every;
+            status.running = jobs.len() as u32;
+            status.done = report.done;
+            status.failed = report.retried;
+            status.dead = report.dead;
+            let (s, st) = (Arc::clone(&store), status.clone());
+            if let Err(e) = blocking(move || s.announce(&st)).await {
+                tracing::warn!("updating the runner registration failed: {e}");
+            }
+            if phase == Phase::Running {
+                reclaim(&shared, &mut report).await;
+            }
+            if next_gc <= Instant::now() {
+                next_gc = Instant::now() + GC_EVERY;
+                let s = Arc::clone(&store);
+                match blocking(move || s.collect_garbage()).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!("collected {n} leftover temp files and old logs"),
+                    Err(e) => tracing::warn!("collecting garbage failed: {e}"),
+                }
+            }
+            progress.show(&report, jobs.len(), opts.slots, true);
+        }
+        phase = escalate(phase, &stop_tx, &shared.settings, jobs.len());
+        if report.dead > died_before {
+            died_before = report.dead;
+        }
+    }
+
+    drop(watch_guard);
+    progress.finish(&report);
+    let s = Arc::clone(&store);
+    if let Err(e) = blocking(move || s.retire()).await {
+        tracing::warn!("removing the runner registration failed: {e}");
+    }
+    tracing::info!(
+        done = report.done,
+        retried = report.retried,
+        dead = report.dead,
+        released = report.released,
+        "runner stopped"
+    );
+    Ok(report)
+}
+
+fn on_signal(
+    sig: Sig,
+    phase: Phase,
+    opts: &RunnerOptions,
+    stop_tx: &watch::Sender<Stop>,
+    running: &HashMap<tokio::task::Id, (JobId, u32, Instant)>,
+    report: &RunReport,
+    jobs: usize,
+) -> Phase {
+    let terminate_now = |why: &str| {
+        tracing::warn!(
+            "{why}: stopping {jobs} running job(s) now (SIGTERM, SIGKILL after {})",
+            format_duration(opts.kill_after)
+        );
+        let _ = stop_tx.send(Stop::Term);
+        Phase::Terminating(Instant::now() + opts.kill_after)
+    };
+    match (sig, phase) {
+        (Sig::Term | Sig::Int, Phase::Running) => {
+            tracing::info!(
+                "received {}: no new claims; waiting up to {} for {jobs} running job(s)",
+                if sig == Sig::Term { "SIGTERM" } else { "SIGINT" },
+                format_duration(opts.grace)
+            );
+            Phase::Draining(Instant::now() + opts.grace)
+        }
+        (Sig::Term | Sig::Int, Phase::Draining(_)) => terminate_now("second stop signal"),
+        (Sig::Quit, Phase::Running | Phase::Draining(_)) => terminate_now("received SIGQUIT"),
+        (Sig::Term | Sig::Int | Sig::Quit, p) => p,
+        (Sig::Usr1, p) => {
+            let now = Instant::now();
+            let list: Vec<String> = running
+                .values()
+                .map(|(id, attempt, since)| {
+                    format!(
+                        "{id} (attempt {attempt}, {})",
+                        format_duration(Duration::from_millis(now.duration_since(*since).as_millis() as u64))
+                    )
+                })
+                .collect();
+            tracing::info!(
+                phase = ?p,
+                done = report.done,
+                retried = report.retried,
+                dead = report.dead,
+                released = report.released,
+                reclaimed = report.reclaimed,
+                "status: {} running: [{}]",
+                running.len(),
+                list.join(", ")
+            );
+            p
+        }
+        (Sig::Ignored(name), p) => {
+            tracing::info!("received {name}; ignored");
+            p
+        }
+    }
+}
+
+/// Moves a shutdown along when its deadline passes.
+fn escalate(phase: Phase, stop_tx: &watch::Sender<Stop>, s: &Settings, jobs: usize) -> Phase {
+    let now = Instant::now();
+    match phase {
+        Phase::Draining(t) if now >= t && jobs > 0 => {
+            tracing::warn!("grace period over: sending SIGTERM to {jobs} running job(s)");
+            let _ = stop_tx.send(Stop::Term);
+            Phase::Terminating(now + s.kill_after)
+        }
+        Phase::Terminating(t) if now >= t && jobs > 0 => {
+            tracing::warn!("sending SIGKILL to {jobs} job(s) still running");
+            let _ = stop_tx.send(Stop::Kill);
+            Phase::Killing
+        }
+        p => p,
+    }
+}
+
+fn account(end: &JobEnd, report: &mut RunReport) {
+    let took = format_duration(Duration::from_millis(end.took.as_millis() as u64));
+    if let Some(e) = &end.error {
+        tracing::error!(job = %end.id, attempt = end.attempt, "{}; recording the outcome failed: {e}", end.ended.describe());
+    }
+    match &end.decision {
+        Decision::Ack => {
+            report.done += 1;
+            tracing::debug!(job = %end.id, attempt = end.attempt, "done in {took}");
+        }
+        Decision::Retry { delay, reason } => {
+            report.retried += 1;
+            tracing::warn!(job = %end.id, attempt = end.attempt, "{reason}; retrying in {}", format_duration(*delay));
+        }
+        Decision::Bury { reason } => {
+            report.dead += 1;
+            tracing::error!(job = %end.id, attempt = end.attempt, "dead: {reason}");
+        }
+        Decision::Release => {
+            report.released += 1;
+            tracing::info!(job = %end.id, attempt = end.attempt, "released back to ready (shutdown)");
+        }
+        Decision::Abandon => {
+            report.lease_lost += 1;
+            tracing::warn!(job = %end.id, attempt = end.attempt, "lease lost (the job was reclaimed or removed); its handler was stopped and it was not acknowledged");
+        }
+    }
+}
+
+async fn reclaim(sh: &Arc<Shared>, report: &mut RunReport) {
+    let s = Arc::clone(&sh.store);
+    let max = sh.settings.max_attempts;
+    match blocking(move || s.reclaim(max)).await {
+        Ok(list) => {
+            for r in list {
+                report.reclaimed += 1;
+                let token = r.old_token.clone();
+                let killed = blocking(move || orphans::kill_by_lease(&token)).await;
+                if killed > 0 {
+                    tracing::warn!(job = %r.id, "killed {killed} leftover process(es) of the reclaimed claim");
+                }
+            }
+        }
+        Err(e) => tracing::warn!("reclaiming expired leases failed: {e}"),
+    }
+}
+
+/// The last `lines` lines of `bytes`, at most `max` bytes, as text.
+fn tail(bytes: &[u8], lines: usize, max: usize) -> String {
+    let bytes = &bytes[bytes.len().saturating_sub(max)..];
+    let text = String::from_utf8_lossy(bytes);
+    let all: Vec<&str> = text.trim_end().lines().collect();
+    all[all.len().saturating_sub(lines)..].join(" | ")
+}
+
+async fn run_job(sh: Arc<Shared>, claim: Claim, stop: watch::Receiver<Stop>) -> JobEnd {
+    let started = Instant::now();
+    let Claim { job, lease } = claim;
+    let id = lease.id.clone();
+    let attempt = lease.attempt;
+    let max_attempts = job.max_attempts.unwrap_or(sh.settings.max_attempts).max(1);
+    let timeout = job.timeout.unwrap_or(sh.settings.timeout);
+
+    // Decide what runs.
+    let program: std::result::Result<Option<Vec<OsString>>, String> = match (&job.command, &sh.handler) {
+        (Some(argv), _) if sh.allow_job_commands => Ok(Some(argv.clone())),
+        (Some(_), _) => {
+            Err("the job carries its own command and this runner was not started with --allow-job-commands".into())
+        }
+        (None, Handler::Command(argv)) => Ok(Some(argv.clone())),
+        (None, Handler::Function(_)) => Ok(None),
+        (None, Handler::JobCommands) => Err("the job has no command and this runner has no handler".into()),
+    };
+
+    // Open the log and write the attempt's header.
+    let header = format!(
+        "=== jobspool: attempt {attempt} of {max_attempts} · {} · runner {} on {} pid {} ===\n",
+        format_ms(now_ms()),
+        sh.runner_id,
+        sh.host,
+        std::process::id()
+    );
+    let opened = {
+        let (s, id2, runner) = (Arc::clone(&sh.store), id.clone(), sh.runner_id.clone());
+        blocking(move || -> Result<(Box<dyn JobLog>, u64)> {
+            let mut log = s.open_log(&id2)?;
+            let start = log.size()?;
+            log.append(header.as_bytes())?;
+            let mut ev = Event::now(EventKind::Started, attempt, None);
+            ev.runner = Some(runner);
+            let _ = s.record(&id2, &ev);
+            Ok((log, start))
+        })
+        .await
+    };
+    let (mut log, log_start) = match opened {
+        Ok(v) => v,
+        Err(e) => {
+            // Without a log the job cannot be run as promised: give it back and pause.
+            tracing::error!(job = %id, "cannot open the job's log: {e}; releasing it");
+            let s = Arc::clone(&sh.store);
+            let l = lease.clone();
+            let error = blocking(move || s.release(&l)).await.err();
+            return JobEnd {
+                id,
+                attempt,
+                ended: Ended::Stopped,
+                decision: Decision::Release,
+                took: started.elapsed(),
+                error,
+            };
+        }
+    };
+
+    let ended = match program {
+        Err(why) => Ended::Refused(why),
+        Ok(Some(argv)) => {
+            let (ended, back) = supervise_command(&sh, &lease, job, argv, log, timeout, stop, max_attempts).await;
+            log = back;
+            ended
+        }
+        Ok(None) => supervise_function(&sh, &lease, job, timeout, stop).await,
+    };
+    let took = started.elapsed();
+
+    // Trailer, last output, decision, transition, history.
+    let trailer = format!(
+        "=== jobspool: {} after {} ===\n",
+        ended.describe(),
+        format_duration(Duration::from_millis(took.as_millis() as u64))
+    );
+    let s = Arc::clone(&sh.store);
+    let backoff = sh.settings.backoff;
+    let runner = sh.runner_id.clone();
+    let (decision, error) = blocking(move || {
+        let _ = log.append(trailer.as_bytes());
+        drop(log);
+        let output = match &ended {
+            Ended::Exit(0) | Ended::Stopped | Ended::LeaseLost => String::new(),
+            _ => s
+                .read_log(&lease.id, log_start)
+                .ok()
+                .flatten()
+                .map(|b| {
+                    // Leave out our own header and trailer.
+                    let text = String::from_utf8_lossy(&b);
+                    let body: Vec<&str> = text.lines().filter(|l| !l.starts_with("=== jobspool: ")).collect();
+                    tail(body.join("\n").as_bytes(), 5, 2000)
+                })
+                .unwrap_or_default(),
+        };
+        let decision = decide(&ended, attempt, max_attempts, &backoff, &output);
+        let result = match &decision {
+            Decision::Ack => s.ack(&lease),
+            Decision::Retry { delay, .. } => s.retry(&lease, *delay),
+            Decision::Bury { reason } => s.bury(&lease, reason),
+            Decision::Release => s.release(&lease),
+            Decision::Abandon => Ok(()),
+        };
+        let (decision, error) = match result {
+            Ok(()) => (decision, None),
+            Err(Error::LeaseLost { .. }) => (Decision::Abandon, None),
+            Err(e) => (decision, Some(e)),
+        };
+        let kind = match &decision {
+            Decision::Ack => Some(EventKind::Done),
+            Decision::Retry { .. } => Some(EventKind::Failed),
+            Decision::Bury { .. } => None, // bury records the reason itself
+            Decision::Release => Some(EventKind::Released),
+            Decision::Abandon => Some(EventKind::LeaseLost),
+        };
+        if let Some(kind) = kind {
+            let detail = match &decision {
+                Decision::Retry { reason, delay } => format!("{reason}; retry in {}", format_duration(*delay)),
+                _ => ended.describe(),
+            };
+            let mut ev = Event::now(kind, attempt, Some(detail));
+            ev.runner = Some(runner);
+            let _ = s.record(&lease.id, &ev);
+        }
+        (decision, error)
+    })
+    .await;
+    JobEnd {
+        id,
+        attempt,
+        ended: ended_for_report(&decision),
+        decision,
+        took,
+        error,
+    }
+}
+
+fn ended_for_report(d: &Decision) -> Ended {
+    match d {
+        Decision::Ack => Ended::Exit(0),
+        Decision::Release => Ended::Stopped,
+        Decision::Abandon => Ended::LeaseLost,
+        Decision::Retry { reason, .. } | Decision::Bury { reason } => Ended::Failed(reason.clone()),
+    }
+}
+
+/// Runs a handler process to its end, heartbeating the lease, enforcing the timeout and
+/// obeying shutdown. Returns how it ended and the log (which a copying thread may have held).
+#[allow(clippy::too_many_arguments)]
+async fn supervise_command(
+    sh: &Arc<Shared>,
+    lease: &Lease,
+    job: Job,
+    argv: Vec<OsString>,
+    log: Box<dyn JobLog>,
+    timeout: Duration,
+    mut stop: watch::Receiver<Stop>,
+    max_attempts: u32,
+) -> (Ended, Box<dyn JobLog>) {
+    use std::process::Stdio;
+    let env = [
+        ("JOBSPOOL_JOB_ID", lease.id.to_string()),
+        ("JOBSPOOL_ATTEMPT", lease.attempt.to_string()),
+        ("JOBSPOOL_MAX_ATTEMPTS", max_attempts.to_string()),
+        ("JOBSPOOL_QUEUE", sh.store.target().to_string()),
+        ("JOBSPOOL_LEASE", lease.token.clone()),
+    ];
+    // Output goes straight into the log file when the store has one; else through a pipe.
+    let direct = match log.child_output() {
+        Ok(f) => f,
+        Err(e) => return (Ended::SpawnFailed(e.to_string()), log),
+    };
+    let (stdout, stderr, pipe_read) = match direct {
+        Some(file) => match file.try_clone() {
+            Ok(f2) => (Stdio::from(file), Stdio::from(f2), None),
+            Err(e) => return (Ended::SpawnFailed(e.to_string()), log),
+        },
+        None => match nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC) {
+            Ok((r, w)) => match w.try_clone() {
+                Ok(w2) => (Stdio::from(w), Stdio::from(w2), Some(r)),
+                Err(e) => return (Ended::SpawnFailed(e.to_string()), log),
+            },
+            Err(e) => return (Ended::SpawnFailed(e.to_string()), log),
+        },
+    };
+    let payload = job.payload;
+    let stdin = if payload.is_empty() {
+        Stdio::null()
+    } else {
+        Stdio::piped()
+    };
+    let spawned = child::Handler::spawn(Spawn {
+        argv: &argv,
+        env: &env,
+        stdin,
+        stdout,
+        stderr,
+    });
+    let mut handler = match spawned {
+        Ok(h) => h,
+        Err(e) => {
+            let program = argv[0].to_string_lossy().into_owned();
+            return (Ended::SpawnFailed(format!("{program}: {e}")), log);
+        }
+    };
+    // Feed the payload; a handler that does not read it just closes the pipe early.
+    if let Some(stdin) = handler.take_stdin() {
+        let fd: std::os::fd::OwnedFd = stdin.into();
+        tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            if let Ok(mut tx) = tokio::net::unix::pipe::Sender::from_owned_fd(fd) {
+                let _ = tx.write_all(&payload).await;
+            }
+        });
+    }
+    // Copy piped output into the log on a blocking thread.
+    let copier = pipe_read.map(|r| {
+        let mut log = log;
+        tokio::task::spawn_blocking(move || {
+            use std::io::Read;
+            let mut r = std::fs::File::from(r);
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                match r.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        let _ = log.append(&buf[..n]);
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(_) => break,
+                }
+            }
+            log
+        })
+    });
+    let mut log_back: Option<Box<dyn JobLog>> = None;
+    let mut copier = copier;
+
+    let start = tokio::time::Instant::now();
+    let deadline = start + timeout;
+    let mut heartbeat = tokio::time::interval_at(start + sh.settings.heartbeat, sh.settings.heartbeat);
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut kill_at: Option<tokio::time::Instant> = None;
+    let (mut timed_out, mut lease_lost, mut stopped, mut killed) = (false, false, false, false);
+    let mut stop_open = true;
+    if *stop.borrow() != Stop::Run {
+        stopped = true;
+        handler.signal_group(nix::sys::signal::Signal::SIGTERM);
+        kill_at = Some(tokio::time::Instant::now() + sh.settings.kill_after);
+    }
+    loop {
+        tokio::select! {
+            biased;
+            r = handler.exited() => {
+                if let Err(e) = r {
+                    tracing::error!(job = %lease.id, "waiting for the handler failed: {e}");
+                }
+                break;
+            }
+            changed = stop.changed(), if stop_open => {
+                if changed.is_err() {
+                    stop_open = false;
+                    continue;
+                }
+                let now = *stop.borrow();
+                match now {
+                    Stop::Run => {}
+                    Stop::Term => {
+                        stopped = true;
+                        handler.signal_group(nix::sys::signal::Signal::SIGTERM);
+                        kill_at.get_or_insert(tokio::time::Instant::now() + sh.settings.kill_after);
+                    }
+                    Stop::Kill => {
+                        stopped = true;
+                        killed = true;
+                        handler.signal_group(nix::sys::signal::Signal::SIGKILL);
+                    }
+                }
+            }
+            _ = sleep_until(deadline), if !timed_out && !lease_lost => {
+                timed_out = true;
+                tracing::warn!(job = %lease.id, "timed out after {}; stopping its process group", format_duration(timeout));
+                handler.signal_group(nix::sys::signal::Signal::SIGTERM);
+                kill_at.get_or_insert(tokio::time::Instant::now() + sh.settings.kill_after);
+            }
+            _ = sleep_until(kill_at.unwrap_or(deadline)), if kill_at.is_some() && !killed => {
+                killed = true;
+                handler.signal_group(nix::sys::signal::Signal::SIGKILL);
+            }
+            _ = heartbeat.tick(), if !lease_lost => {
+                let (s, l) = (Arc::clone(&sh.store), lease.clone());
+                match blocking(move || s.heartbeat(&l)).await {
+                    Ok(()) => {}
+                    Err(Error::LeaseLost { .. }) => {
+                        lease_lost = true;
+                        tracing::warn!(job = %lease.id, "lease lost while running; stopping its handler");
+                        handler.signal_group(nix::sys::signal::Signal::SIGTERM);
+                        kill_at.get_or_insert(tokio::time::Instant::now() + sh.settings.kill_after);
+                    }
+                    Err(e) => tracing::warn!(job = %lease.id, "heartbeat failed: {e}"),
+                }
+            }
+        }
+    }
+    let status = match blocking(move || handler.reap()).await {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::error!(job = %lease.id, "reaping the handler failed: {e}");
+            None
+        }
+    };
+    if let Some(c) = copier.take() {
+        if let Ok(l) = c.await {
+            log_back = Some(l);
+        }
+    }
+    let ended = if lease_lost {
+        Ended::LeaseLost
+    } else if timed_out {
+        Ended::TimedOut(timeout)
+    } else {
+        match status {
+            Some(s) if s.success() => Ended::Exit(0),
+            Some(_) if stopped => Ended::Stopped,
+            Some(s) => {
+                use std::os::unix::process::ExitStatusExt;
+                match (s.code(), s.signal()) {
+                    (Some(c), _) => Ended::Exit(c),
+                    (None, Some(sig)) => Ended::Signal(
+                        nix::sys::signal::Signal::try_from(sig)
+                            .map_or_else(|_| format!("signal {sig}"), |s| s.as_str().to_string()),
+                    ),
+                    _ => Ended::Failed("ended without a status".into()),
+                }
+            }
+            None => Ended::Failed("its exit status was lost".into()),
+        }
+    };
+    let log = match log_back {
+        Some(l) => l,
+        None => match sh.store.open_log(&lease.id) {
+            Ok(l) => l,
+            Err(_) => Box::new(NoLog),
+        },
+    };
+    (ended, log)
+}
+
+struct NoLog;
+
+impl JobLog for NoLog {
+    fn append(&mut self, _bytes: &[u8]) -> Result<()> {
+        Ok(())
+    }
+    fn size(&self) -> Result<u64> {
+        Ok(0)
+    }
+    fn child_output(&self) -> Result<Option<std::fs::File>> {
+        Ok(None)
+    }
+}
+
+/// Runs a handler function to its end on a blocking thread. Functions cannot be killed: on
+/// timeout, lease loss or shutdown they are asked to stop ([`JobContext::cancelled`]) and
+/// waited for.
+async fn supervise_function(
+    sh: &Arc<Shared>,
+    lease: &Lease,
+    job: Job,
+    timeout: Duration,
+    mut stop: watch::Receiver<Stop>,
+) -> Ended {
+    let Handler::Function(f) = &sh.handler else {
+        return Ended::Refused("no handler function".into());
+    };
+    let f = Arc::clone(f);
+    let cancel = Arc::new(AtomicBool::new(false));
+    let ctx = JobContext {
+        job,
+        attempt: lease.attempt,
+        cancel: Arc::clone(&cancel),
+    };
+    let mut task = tokio::task::spawn_blocking(move || f(&ctx));
+    let start = tokio::time::Instant::now();
+    let mut heartbeat = tokio::time::interval_at(start + sh.settings.heartbeat, sh.settings.heartbeat);
+    let (mut timed_out, mut lease_lost, mut stopped) = (false, false, false);
+    let mut stop_open = true;
+    let result = loop {
+        tokio::select! {
+            biased;
+            r = &mut task => break r,
+            changed = stop.changed(), if stop_open => {
+                if changed.is_err() {
+                    stop_open = false;
+                } else if *stop.borrow() != Stop::Run {
+                    stopped = true;
+                    cancel.store(true, Ordering::Relaxed);
+                }
+            }
+            _ = sleep_until(start + timeout), if !timed_out => {
+                timed_out = true;
+                cancel.store(true, Ordering::Relaxed);
+            }
+            _ = heartbeat.tick(), if !lease_lost => {
+                let (s, l) = (Arc::clone(&sh.store), lease.clone());
+                if let Err(Error::LeaseLost { .. }) = blocking(move || s.heartbeat(&l)).await {
+                    lease_lost = true;
+                    cancel.store(true, Ordering::Relaxed);
+                }
+            }
+        }
+    };
+    if lease_lost {
+        return Ended::LeaseLost;
+    }
+    if timed_out {
+        return Ended::TimedOut(timeout);
+    }
+    match result {
+        Ok(Ok(())) => Ended::Exit(0),
+        _ if stopped => Ended::Stopped,
+        Ok(Err(HandlerError::Retry(m))) => {
+            tracing::info!(job = %lease.id, "asked for a retry: {m}");
+            Ended::Exit(outcome::EXIT_RETRY)
+        }
+        Ok(Err(HandlerError::Permanent(m))) => Ended::Refused(format!("permanent failure: {m}")),
+        Ok(Err(HandlerError::Failed(m))) => Ended::Failed(m),
+        Err(e) => Ended::Failed(format!("panicked: {}", panic_message(&*e.into_panic()))),
+    }
+}
+
+fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic".into())
+}
+
+/// The one-line progress display.
+struct Progress {
+    on: bool,
+    started: Instant,
+    last: Option<Instant>,
+    shown: Mutex<bool>,
+}
+
+impl Progress {
+    fn new(on: bool) -> Progress {
+        Progress {
+            on,
+            started: Instant::now(),
+            last: None,
+            shown: Mutex::new(false),
+        }
+    }
+
+    fn show(&mut self, r: &RunReport, running: usize, slots: usize, force: bool) {
+        if !self.on {
+            return;
+        }
+        let now = Instant::now();
+        if !force
+            && self
+                .last
+                .is_some_and(|t| now.duration_since(t) < Duration::from_millis(200))
+        {
+            return;
+        }
+        self.last = Some(now);
+        let secs = now.duration_since(self.started).as_secs_f64().max(0.001);
+        let line = format!(
+            "running {running}/{slots} · done {} · failed {} · dead {} · {:.1} jobs/s",
+            r.done,
+            r.retried,
+            r.dead,
+            r.done as f64 / secs
+        );
+        let mut err = std::io::stderr().lock();
+        let _ = write!(err, "\r\x1b[2K{line}");
+        let _ = err.flush();
+        *self.shown.lock().unwrap_or_else(|e| e.into_inner()) = true;
+    }
+
+    fn finish(&mut self, r: &RunReport) {
+        if self.on && *self.shown.lock().unwrap_or_else(|e| e.into_inner()) {
+            self.show(r, 0, 0, true);
+            let _ = writeln!(std::io::stderr());
+        }
+    }
+}
