@@ -1,0 +1,195 @@
+//! Operator actions: reviving dead jobs, removing jobs, collecting leftovers, checking the layout.
+
+use super::*;
+
+impl DirStore {
+    pub(super) fn revive_one(&self, id: &JobId) -> Result<()> {
+        match self.find(id.as_str())? {
+            Some((State::Dead, name)) => {
+                let n = QueuedName::parse(name.as_bytes()).expect("found by parsing");
+                let to = QueuedName {
+                    priority: n.priority,
+                    at: now_ms(),
+                    attempts: 0,
+                    id: n.id,
+                }
+                .format();
+                match self
+                    .fs
+                    .rename(&self.d.dead, &name, &self.d.ready, OsStr::new(&to), true)
+                {
+                    Ok(()) => {}
+                    // Revived by someone else at the same moment: it is no longer dead.
+                    Err(e) if errno(&e) == Some(Errno::ENOENT) => {
+                        return Err(Error::WrongState {
+                            id: id.to_string(),
+                            state: "not dead",
+                            what: "revived by someone else",
+                        });
+                    }
+                    Err(e) => return Err(Error::io(self.path(&self.d.dead, &name), "reviving", e)),
+                }
+                self.fs
+                    .sync_dir(&self.d.ready)
+                    .map_err(|e| Error::io(&self.d.ready.path, "syncing", e))?;
+                let _ = self.record_synced(
+                    id,
+                    &Event::now(
+                        EventKind::Revived,
+                        n.attempts,
+                        Some(format!("after {} attempts", n.attempts)),
+                    ),
+                    false,
+                );
+                Ok(())
+            }
+            Some((state, _)) => Err(Error::WrongState {
+                id: id.to_string(),
+                state: state.as_str(),
+                what: "only dead jobs can be retried",
+            }),
+            None => Err(Error::NotFound {
+                id: id.to_string(),
+                queue: self.target.clone(),
+            }),
+        }
+    }
+
+    pub(super) fn revive_every(&self) -> Result<Vec<JobId>> {
+        let mut out = Vec::new();
+        for (name, _) in self.list_dir(&self.d.dead)? {
+            if let Some(n) = QueuedName::parse(name.as_bytes()) {
+                match self.revive(&n.id) {
+                    Ok(()) => out.push(n.id),
+                    Err(Error::WrongState { .. } | Error::NotFound { .. }) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    pub(super) fn remove_one(&self, id: &str) -> Result<State> {
+        if let Some((state, name)) = self.find(id)? {
+            let dir = self.dir_of(state);
+            match self.fs.unlink(dir, &name, false) {
+                Ok(()) => {}
+                Err(e) if errno(&e) == Some(Errno::ENOENT) => return self.remove(id),
+                Err(e) => return Err(Error::io(self.path(dir, &name), "removing", e)),
+            }
+            let jid = JobId::new(id)?;
+            let _ = self.fs.unlink(&self.d.logs, &Self::log_name(&jid), false);
+            let _ = self.fs.unlink(&self.d.logs, &Self::events_name(&jid), false);
+            self.fs.sync_dir(dir).map_err(|e| Error::io(&dir.path, "syncing", e))?;
+            let state = self.info_from_name(state, &name, now_ms()).map_or(state, |i| i.state);
+            return Ok(state);
+        }
+        let qname = OsStr::new(id);
+        if !id.contains('/') && id != "." && id != ".." && !id.is_empty() {
+            match fs::lstat_kind(&self.d.quarantine, qname) {
+                Kind::Vanished => {}
+                Kind::Directory => {
+                    return Err(Error::Invalid(format!(
+                        "{} is a directory; inspect it and remove it by hand",
+                        self.path(&self.d.quarantine, qname).display()
+                    )));
+                }
+                _ => {
+                    self.fs
+                        .unlink(&self.d.quarantine, qname, false)
+                        .map_err(|e| Error::io(self.path(&self.d.quarantine, qname), "removing", e))?;
+                    return Ok(State::Quarantined);
+                }
+            }
+        }
+        Err(Error::NotFound {
+            id: id.to_string(),
+            queue: self.target.clone(),
+        })
+    }
+
+    pub(super) fn collect(&self) -> Result<u64> {
+        let mut removed = 0;
+        let now = std::time::SystemTime::now();
+        let age = |dir: &Dir, name: &OsStr| -> Option<Duration> {
+            let st = nix::sys::stat::fstatat(dir.fd(), name, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW).ok()?;
+            let mtime = crate::job::from_ms((st.st_mtime.max(0) as u64) * 1000);
+            now.duration_since(mtime).ok()
+        };
+        for (name, kind) in self.list_dir(&self.d.tmp)? {
+            if kind == Kind::File && age(&self.d.tmp, &name).is_some_and(|a| a > TMP_GRACE) {
+                // A runner entry still being registered is locked; leave those alone.
+                if name.as_bytes().starts_with(b"runner.") {
+                    if let Ok(f) = self.fs.open_read(&self.d.tmp, &name) {
+                        if Flock::lock(f, FlockArg::LockSharedNonblock).is_err() {
+                            continue;
+                        }
+                    }
+                }
+                if self.fs.unlink(&self.d.tmp, &name, false).is_ok() {
+                    tracing::info!(file = %self.path(&self.d.tmp, &name).display(), "removed the leftover of a crashed push");
+                    removed += 1;
+                }
+            }
+        }
+        let mut live: HashSet<String> = HashSet::new();
+        for (name, _) in self
+            .list_dir(&self.d.ready)?
+            .into_iter()
+            .chain(self.list_dir(&self.d.dead)?)
+        {
+            if let Some(n) = QueuedName::parse(name.as_bytes()) {
+                live.insert(n.id.to_string());
+            }
+        }
+        for (name, _) in self.list_dir(&self.d.running)? {
+            if let Some(n) = RunningName::parse(name.as_bytes()) {
+                live.insert(n.id.to_string());
+            }
+        }
+        for (name, kind) in self.list_dir(&self.d.logs)? {
+            let text = name.to_string_lossy();
+            let Some(id) = text.strip_suffix(".log").or_else(|| text.strip_suffix(".events")) else {
+                continue;
+            };
+            if kind != Kind::File || live.contains(id) {
+                continue;
+            }
+            if age(&self.d.logs, &name).is_some_and(|a| a > self.config.log_retention)
+                && self.fs.unlink(&self.d.logs, &name, false).is_ok()
+            {
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
+    pub(super) fn check_layout(&self) -> Result<Vec<String>> {
+        let mut problems = layout::doctor(&self.root, &self.config);
+        for (name, kind) in self.list_dir(&self.d.ready)? {
+            if kind != Kind::File || QueuedName::parse(name.as_bytes()).is_none() {
+                problems.push(format!(
+                    "{}: is not a job ({}); a runner will quarantine it",
+                    self.path(&self.d.ready, &name).display(),
+                    kind.word()
+                ));
+                continue;
+            }
+            if let Err(e) = self.fs.open_read(&self.d.ready, &name) {
+                problems.push(format!(
+                    "{}: cannot be read by this user ({e}); fix its mode or group, or the producer's (`jobspool init --mode`)",
+                    self.path(&self.d.ready, &name).display()
+                ));
+            }
+        }
+        for r in self.runners()? {
+            if !r.alive {
+                problems.push(format!(
+                    "runner {} (pid {} on {}) is gone but still registered; the next runner will reclaim its jobs",
+                    r.id, r.status.pid, r.status.host
+                ));
+            }
+        }
+        Ok(problems)
+    }
+}

@@ -1,0 +1,309 @@
+//! Claims and everything done under a lease: claim, heartbeat, ack, retry, bury, release, and
+//! taking back the claims of dead or stuck claimers.
+
+use super::*;
+
+impl DirStore {
+    /// Holds `running/` locked shared for the duration of a claim or a move back to `ready/`,
+    /// so that a completion check (which locks it exclusively) never sees a job in neither.
+    pub(super) fn tx_shared(&self) -> Result<TxGuard<'_>> {
+        let fd = match lock(&self.lock_pool).pop() {
+            Some(fd) => fd,
+            None => self
+                .d
+                .running
+                .reopen()
+                .map_err(|e| Error::io(&self.d.running.path, "opening", e))?,
+        };
+        match Flock::lock(fd, FlockArg::LockShared) {
+            Ok(f) => Ok(TxGuard {
+                store: self,
+                lock: Some(f),
+            }),
+            Err((_, e)) => Err(Error::io(&self.d.running.path, "locking", e)),
+        }
+    }
+
+    pub(super) fn lease_name(&self, lease: &Lease) -> Result<RunningName> {
+        RunningName::parse(lease.token.as_bytes())
+            .filter(|n| n.id == lease.id)
+            .ok_or_else(|| Error::Invalid(format!("{:?} is not a lease token of job {}", lease.token, lease.id)))
+    }
+
+    /// Maps a failed operation on `running/TOKEN` to lease loss when the name is gone.
+    pub(super) fn lease_error(&self, lease: &Lease, what: &'static str, e: io::Error) -> Error {
+        if errno(&e) == Some(Errno::ENOENT) {
+            let still_there = nix::sys::stat::fstatat(
+                self.d.running.fd(),
+                lease.token.as_str(),
+                nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+            )
+            .is_ok();
+            if !still_there {
+                return Error::LeaseLost {
+                    id: lease.id.to_string(),
+                };
+            }
+        }
+        Error::io(self.path(&self.d.running, &lease.token), what, e)
+    }
+
+    /// Renames the claim `lease` to `to` in `dir`.
+    pub(super) fn move_lease(&self, lease: &Lease, dir: &Dir, to: &str, what: &'static str) -> Result<()> {
+        let _tx = if std::ptr::eq(dir, &self.d.ready) {
+            Some(self.tx_shared()?)
+        } else {
+            None
+        };
+        self.fs
+            .rename(&self.d.running, OsStr::new(&lease.token), dir, OsStr::new(to), true)
+            .map_err(|e| self.lease_error(lease, what, e))
+    }
+
+    pub(super) fn claim_next(&self, lease: Duration) -> Result<Option<Claim>> {
+        let runner = self.my_id()?;
+        let lease_ms = lease.as_millis().max(1) as u64;
+        loop {
+            let (foreign, entry) = {
+                let mut guard = lock(&self.index);
+                let idx = guard.get_or_insert_with(|| Index::new(&self.root));
+                idx.drain();
+                idx.refresh(&*self.fs, &self.d.ready)
+                    .map_err(|e| Error::io(&self.d.ready.path, "listing", e))?;
+                (idx.take_foreign(&self.d.ready), idx.pop(now_ms()))
+            };
+            for (name, kind) in foreign {
+                let problem = if kind == Kind::File {
+                    Problem::Other("bad-name", "the name is not a job name".into())
+                } else {
+                    Problem::Kind(kind)
+                };
+                self.quarantine(&self.d.ready, &name, &problem);
+            }
+            let Some(entry) = entry else { return Ok(None) };
+            let q = entry.name();
+            let from = q.format();
+            let r = RunningName {
+                priority: q.priority,
+                run_at: q.at,
+                attempts: q.attempts,
+                runner: runner.clone(),
+                claimed: now_ms(),
+                lease_ms,
+                nonce: random_hex(8),
+                id: q.id.clone(),
+            };
+            let token = r.format();
+            let renamed = {
+                let _tx = self.tx_shared()?;
+                self.fs.rename(
+                    &self.d.ready,
+                    OsStr::new(&from),
+                    &self.d.running,
+                    OsStr::new(&token),
+                    false,
+                )
+            };
+            match renamed {
+                Ok(()) => {}
+                // Another claimer won this one: take the next.
+                Err(e) if errno(&e) == Some(Errno::ENOENT) => continue,
+                Err(e) => {
+                    if let Some(idx) = lock(&self.index).as_mut() {
+                        idx.put_back(entry);
+                    }
+                    return Err(Error::io(self.path(&self.d.ready, &from), "claiming", e));
+                }
+            }
+            match self.read_body(&self.d.running, OsStr::new(&token), Some(&q.id)) {
+                Ok(job) => {
+                    return Ok(Some(Claim {
+                        job,
+                        lease: Lease {
+                            id: q.id,
+                            attempt: q.attempts.saturating_add(1),
+                            token,
+                        },
+                    }));
+                }
+                Err(problem) => self.quarantine(&self.d.running, OsStr::new(&token), &problem),
+            }
+        }
+    }
+
+    pub(super) fn heartbeat_lease(&self, lease: &Lease) -> Result<()> {
+        self.lease_name(lease)?;
+        self.fs
+            .touch(&self.d.running, OsStr::new(&lease.token))
+            .map_err(|e| self.lease_error(lease, "heartbeat", e))
+    }
+
+    pub(super) fn ack_lease(&self, lease: &Lease) -> Result<()> {
+        self.lease_name(lease)?;
+        self.fs
+            .unlink(&self.d.running, OsStr::new(&lease.token), false)
+            .map_err(|e| self.lease_error(lease, "acknowledging", e))
+    }
+
+    pub(super) fn retry_lease(&self, lease: &Lease, delay: Duration) -> Result<()> {
+        let r = self.lease_name(lease)?;
+        let to = QueuedName {
+            priority: r.priority,
+            at: now_ms().saturating_add(delay.as_millis() as u64),
+            attempts: r.attempts.saturating_add(1),
+            id: r.id,
+        }
+        .format();
+        self.move_lease(lease, &self.d.ready, &to, "retrying")
+    }
+
+    pub(super) fn bury_lease(&self, lease: &Lease, reason: &str) -> Result<()> {
+        let r = self.lease_name(lease)?;
+        let attempts = r.attempts.saturating_add(1);
+        let to = QueuedName {
+            priority: r.priority,
+            at: now_ms(),
+            attempts,
+            id: r.id.clone(),
+        }
+        .format();
+        self.move_lease(lease, &self.d.dead, &to, "burying")?;
+        let mut event = Event::now(EventKind::Dead, attempts, Some(reason.to_string()));
+        event.runner = Some(r.runner);
+        // A dead job is rare and its reason is what the operator needs: make both durable.
+        self.record_synced(&r.id, &event, true)?;
+        self.fs
+            .sync_dir(&self.d.dead)
+            .map_err(|e| Error::io(&self.d.dead.path, "syncing", e))
+    }
+
+    pub(super) fn release_lease(&self, lease: &Lease) -> Result<()> {
+        let r = self.lease_name(lease)?;
+        let to = QueuedName {
+            priority: r.priority,
+            at: r.run_at,
+            attempts: r.attempts,
+            id: r.id,
+        }
+        .format();
+        self.move_lease(lease, &self.d.ready, &to, "releasing")
+    }
+
+    pub(super) fn reclaim_expired(&self, max_attempts: u32) -> Result<Vec<Reclaimed>> {
+        let mine = self.my_id()?;
+        let mut alive: HashMap<String, bool> = HashMap::new();
+        let mut out = Vec::new();
+        for (name, kind) in self.list_dir(&self.d.running)? {
+            if kind != Kind::File {
+                self.quarantine(&self.d.running, &name, &Problem::Kind(kind));
+                continue;
+            }
+            let Some(r) = RunningName::parse(name.as_bytes()) else {
+                self.quarantine(
+                    &self.d.running,
+                    &name,
+                    &Problem::Other("bad-name", "the name is not a lease name".into()),
+                );
+                continue;
+            };
+            let is_alive = *alive
+                .entry(r.runner.clone())
+                .or_insert_with(|| self.runner_alive(&r.runner, &mine));
+            let cause = if !is_alive {
+                ReclaimCause::RunnerDied
+            } else {
+                let Some(mtime) = self.mtime_ms(&self.d.running, &name) else {
+                    continue;
+                };
+                if now_ms() < r.expires(mtime) {
+                    continue;
+                }
+                ReclaimCause::LeaseExpired
+            };
+            let job = match self.read_body(&self.d.running, &name, Some(&r.id)) {
+                Ok(job) => job,
+                Err(problem) => {
+                    self.quarantine(&self.d.running, &name, &problem);
+                    continue;
+                }
+            };
+            let attempts = r.attempts.saturating_add(1);
+            let limit = job.max_attempts.unwrap_or(max_attempts).max(1);
+            let buried = attempts >= limit;
+            let lease = Lease {
+                id: r.id.clone(),
+                attempt: attempts,
+                token: name.to_string_lossy().into_owned(),
+            };
+            let what = match cause {
+                ReclaimCause::RunnerDied => "its runner died",
+                ReclaimCause::LeaseExpired => "its lease expired",
+            };
+            let moved = if buried {
+                let to = QueuedName {
+                    priority: r.priority,
+                    at: now_ms(),
+                    attempts,
+                    id: r.id.clone(),
+                }
+                .format();
+                self.move_lease(&lease, &self.d.dead, &to, "reclaiming")
+            } else {
+                let to = QueuedName {
+                    priority: r.priority,
+                    at: now_ms(),
+                    attempts,
+                    id: r.id.clone(),
+                }
+                .format();
+                self.move_lease(&lease, &self.d.ready, &to, "reclaiming")
+            };
+            match moved {
+                Ok(()) => {}
+                Err(Error::LeaseLost { .. }) => continue,
+                Err(e) => return Err(e),
+            }
+            let mut event = Event::now(
+                EventKind::Reclaimed,
+                attempts,
+                Some(format!("attempt {attempts}: {what}")),
+            );
+            event.runner = Some(r.runner.clone());
+            let _ = self.record_synced(&r.id, &event, false);
+            if buried {
+                let reason = format!("{what} on attempt {attempts} of {limit}; no attempts left");
+                let _ = self.record_synced(&r.id, &Event::now(EventKind::Dead, attempts, Some(reason)), true);
+            }
+            tracing::warn!(job = %r.id, attempt = attempts, buried, "reclaimed: {what}");
+            out.push(Reclaimed {
+                id: r.id,
+                old_token: lease.token,
+                cause,
+                attempts,
+                buried,
+            });
+        }
+        // Entries of dead claimers are removed once their claims are taken back.
+        for (id, is_alive) in alive {
+            if !is_alive {
+                let _ = self.fs.unlink(&self.d.runners, OsStr::new(&id), false);
+            }
+        }
+        Ok(out)
+    }
+}
+
+pub(super) struct TxGuard<'a> {
+    store: &'a DirStore,
+    lock: Option<Flock<OwnedFd>>,
+}
+
+impl Drop for TxGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(f) = self.lock.take() {
+            if let Ok(fd) = f.unlock() {
+                lock(&self.store.lock_pool).push(fd);
+            }
+        }
+    }
+}
