@@ -132,6 +132,10 @@ pub fn decode(bytes: &[u8]) -> Result<Job, Corrupt> {
     if bytes.is_empty() {
         return Err(Corrupt::Empty);
     }
+    let head = &bytes[..bytes.len().min(MAGIC.len())];
+    if head != &MAGIC[..head.len()] {
+        return Err(Corrupt::BadMagic);
+    }
     let mut r = Reader { bytes, pos: 0 };
     let first = r.line()?;
     let version = first.strip_prefix(MAGIC).ok_or(Corrupt::BadMagic)?;
