@@ -39,7 +39,7 @@ fn push_writes_syncs_renames_then_syncs_the_directory() {
     assert!(calls[0].starts_with("create tmp/"), "{calls:?}");
     assert!(calls[2].starts_with("fsync tmp/"), "{calls:?}");
     assert!(
-        calls[3].contains(&format!("-> ready/0999.")) && calls[3].ends_with(id.as_str()),
+        calls[3].contains("-> ready/0999.") && calls[3].ends_with(id.as_str()),
         "{calls:?}"
     );
     assert_eq!(calls[4], "sync_dir ready");
