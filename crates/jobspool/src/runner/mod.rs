@@ -21,6 +21,7 @@
 pub mod child;
 mod orphans;
 pub mod outcome;
+mod reaper;
 mod signals;
 
 use std::collections::HashMap;
@@ -167,6 +168,7 @@ struct Settings {
 
 struct Shared {
     store: Arc<dyn Store>,
+    reaper: Mutex<reaper::Reaper>,
     settings: Settings,
     handler: Handler,
     allow_job_commands: bool,
@@ -252,8 +254,11 @@ pub async fn run_async(store: Arc<dyn Store>, opts: RunnerOptions) -> Result<Run
         let (s, st) = (Arc::clone(&store), status.clone());
         blocking(move || s.announce(&st)).await?
     };
+    let guardian =
+        reaper::Reaper::start().map_err(|e| Error::io(store.target(), "starting the guardian process", e))?;
     let shared = Arc::new(Shared {
         store: Arc::clone(&store),
+        reaper: Mutex::new(guardian),
         settings,
         handler: opts.handler.clone(),
         allow_job_commands: opts.allow_job_commands,
@@ -750,7 +755,10 @@ async fn supervise_command(
         stderr,
     });
     let mut handler = match spawned {
-        Ok(h) => h,
+        Ok(h) => {
+            sh.reaper.lock().unwrap_or_else(|e| e.into_inner()).watch(h.pid());
+            h
+        }
         Err(e) => {
             let program = argv[0].to_string_lossy().into_owned();
             return (Ended::SpawnFailed(format!("{program}: {e}")), log);
@@ -855,6 +863,10 @@ async fn supervise_command(
             }
         }
     }
+    sh.reaper
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .forget(handler.pid());
     let status = match blocking(move || handler.reap()).await {
         Ok(s) => Some(s),
         Err(e) => {

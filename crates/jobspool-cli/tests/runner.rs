@@ -1,0 +1,566 @@
+//! The runner as users run it: real `jobspool` processes, real handler processes, real signals.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use common::*;
+use nix::sys::signal::Signal;
+
+const LONG: Duration = Duration::from_secs(60);
+
+fn q_str(q: &std::path::Path) -> &str {
+    q.to_str().unwrap()
+}
+
+#[test]
+fn the_exit_code_contract_then_retry_then_success() {
+    let (_d, q) = queue();
+    let qs = q_str(&q);
+    push(&q, &["--id", "ok", "--", "true"]);
+    push(
+        &q,
+        &[
+            "--id",
+            "perm",
+            "--max-attempts",
+            "5",
+            "--",
+            "sh",
+            "-c",
+            "echo broken for good >&2; exit 100",
+        ],
+    );
+    push(
+        &q,
+        &[
+            "--id",
+            "flaky",
+            "--max-attempts",
+            "2",
+            "--",
+            "sh",
+            "-c",
+            "echo attempt $JOBSPOOL_ATTEMPT; exit 3",
+        ],
+    );
+    push(
+        &q,
+        &["--id", "later", "--max-attempts", "3", "--", "sh", "-c", "exit 75"],
+    );
+    push(
+        &q,
+        &["--id", "sig", "--max-attempts", "1", "--", "sh", "-c", "kill -SEGV $$"],
+    );
+    let o = run(&[
+        "run",
+        qs,
+        "-j",
+        "2",
+        "--drain",
+        "--allow-job-commands",
+        "--backoff",
+        "200ms..400ms",
+    ]);
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "dead jobs make --drain exit 1: {}",
+        stderr(&o)
+    );
+    let s = stats(&q);
+    assert_eq!(
+        (s["ready"].as_u64(), s["running"].as_u64(), s["dead"].as_u64()),
+        (Some(0), Some(0), Some(4))
+    );
+
+    let show = |id: &str| -> serde_json::Value {
+        let o = run(&["show", qs, id, "--json"]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        serde_json::from_slice(&o.stdout).unwrap()
+    };
+    let perm = show("perm");
+    assert_eq!(perm["attempts"], 1, "exit 100 is dead at once");
+    assert_eq!(
+        perm["dead_reason"],
+        "exit 100 (permanent failure) on attempt 1; last output: broken for good"
+    );
+    let flaky = show("flaky");
+    assert_eq!(flaky["attempts"], 2);
+    assert_eq!(
+        flaky["dead_reason"],
+        "exit 3 on attempt 2 of 2; no attempts left; last output: attempt 2"
+    );
+    assert_eq!(show("later")["attempts"], 3, "exit 75 retries until max attempts");
+    assert!(
+        show("sig")["dead_reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("killed by SIGSEGV on attempt 1 of 1")
+    );
+
+    // Backoff: attempt 2 of "flaky" started no earlier than the backoff's lower bound after
+    // attempt 1 failed (half of 200ms, for the jitter).
+    let history = flaky["history"].as_array().unwrap();
+    let failed_at = history.iter().find(|e| e["kind"] == "failed").unwrap()["at"]
+        .as_u64()
+        .unwrap();
+    let second = history.iter().filter(|e| e["kind"] == "started").nth(1).unwrap()["at"]
+        .as_u64()
+        .unwrap();
+    assert!(second >= failed_at + 100, "retried after {}ms", second - failed_at);
+
+    // The log has one header and one trailer per attempt, with the output between.
+    let log = stdout(&run(&["logs", qs, "flaky"]));
+    assert_eq!(log.matches("=== jobspool: attempt").count(), 2, "{log}");
+    assert!(log.contains("attempt 1\n=== jobspool: exit 3 after"), "{log}");
+
+    // Retry the dead: fresh attempts, history kept; a second retry is harmless.
+    let o = run(&["retry", qs, "--all"]);
+    assert!(o.status.success());
+    assert_eq!(stdout(&o).lines().count(), 4);
+    let o = run(&["retry", qs, "perm"]);
+    assert!(o.status.success() && stderr(&o).contains("not dead"), "{}", stderr(&o));
+    assert_eq!(show("flaky")["attempts"], 0);
+    // Now run them with a runner whose handler ignores job commands... by allowing none:
+    // job commands are refused without --allow-job-commands.
+    let o = run(&["run", qs, "--drain", "--max-attempts", "1", "--", "true"]);
+    assert_eq!(o.status.code(), Some(1));
+    let reason = show("flaky")["dead_reason"].as_str().unwrap().to_string();
+    assert!(reason.contains("--allow-job-commands"), "{reason}");
+    assert!(
+        show("flaky")["history"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["kind"] == "revived")
+    );
+}
+
+#[test]
+fn retried_jobs_succeed_and_payloads_round_trip_byte_exactly() {
+    let (d, q) = queue();
+    let qs = q_str(&q);
+    let out = d.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+    let payload: Vec<u8> = b"quotes ' \" newline\n nul \0 high \xff end".to_vec();
+    let mut child = cmd(&["push", qs, "--id", "bin"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(&payload).unwrap();
+    assert!(child.wait().unwrap().success());
+    // Fails on attempt 1, succeeds on attempt 2, copying its payload out.
+    let script = format!(
+        "cat > {}/$JOBSPOOL_JOB_ID.$JOBSPOOL_ATTEMPT; [ $JOBSPOOL_ATTEMPT -ge 2 ]",
+        out.display()
+    );
+    let o = run(&[
+        "run",
+        qs,
+        "--drain",
+        "--backoff",
+        "50ms..100ms",
+        "--",
+        "sh",
+        "-c",
+        &script,
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(std::fs::read(out.join("bin.1")).unwrap(), payload);
+    assert_eq!(std::fs::read(out.join("bin.2")).unwrap(), payload);
+    let shown = run(&["show", qs, "bin", "--payload"]);
+    assert_eq!(shown.status.code(), Some(2), "a done job is gone");
+}
+
+#[test]
+fn claims_are_exclusive_between_runner_processes() {
+    let (d, q) = queue();
+    let qs = q_str(&q);
+    let record = d.path().join("runs");
+    let lines: String = (0..300).map(|i| format!("{i}\n")).collect();
+    let mut p = cmd(&["push", qs, "--batch"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    p.stdin.take().unwrap().write_all(lines.as_bytes()).unwrap();
+    assert!(p.wait().unwrap().success());
+    let script = format!("echo $JOBSPOOL_JOB_ID >> {}", record.display());
+    let mut runners: Vec<_> = (0..3)
+        .map(|_| spawn(&["run", qs, "-j", "2", "--drain", "--", "sh", "-c", &script]))
+        .collect();
+    for r in &mut runners {
+        assert_eq!(wait_exit(r, LONG).and_then(|s| s.code()), Some(0));
+    }
+    let text = std::fs::read_to_string(&record).unwrap();
+    let ids: Vec<&str> = text.lines().collect();
+    let unique: HashSet<&str> = ids.iter().copied().collect();
+    assert_eq!(ids.len(), 300, "every job ran exactly once");
+    assert_eq!(unique.len(), 300);
+}
+
+#[test]
+fn kill_9_of_the_runner_loses_nothing_and_leaves_no_handler_behind() {
+    let (d, q) = queue();
+    let qs = q_str(&q);
+    let runs = d.path().join("runs");
+    let done = d.path().join("done");
+    let n = 30;
+    for i in 0..n {
+        push(&q, &["--id", &format!("j{i}"), "--payload", "x"]);
+    }
+    // Each handler leaves a grandchild too, which must die with it.
+    let script = format!(
+        "echo $JOBSPOOL_JOB_ID >> {runs}; sleep 30 & sleep 0.3; echo $JOBSPOOL_JOB_ID >> {done}",
+        runs = runs.display(),
+        done = done.display()
+    );
+    let mut kills = 0;
+    for round in 0..4 {
+        let mut r = spawn(&["run", qs, "-j", "3", "--max-attempts", "20", "--", "sh", "-c", &script]);
+        wait_for("handlers to start", LONG, || count(&q, "running") > 0);
+        std::thread::sleep(Duration::from_millis(150 + 100 * round));
+        signal(&r, Signal::SIGKILL);
+        r.wait().unwrap();
+        kills += 1;
+        // No handler (or its children) outlives the runner.
+        wait_for("orphans to die", Duration::from_secs(10), || {
+            processes_with_env(qs).is_empty()
+        });
+    }
+    // A fresh runner reclaims the dead runners' claims at once and finishes everything.
+    let o = run(&[
+        "run",
+        qs,
+        "-j",
+        "3",
+        "--drain",
+        "--max-attempts",
+        "20",
+        "--",
+        "sh",
+        "-c",
+        &script,
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    wait_for("orphans to die", Duration::from_secs(10), || {
+        processes_with_env(qs).is_empty()
+    });
+    let done_text = std::fs::read_to_string(&done).unwrap();
+    let finished: HashSet<&str> = done_text.lines().collect();
+    assert_eq!(finished.len(), n, "every job finished");
+    let runs_text = std::fs::read_to_string(&runs).unwrap();
+    let mut starts: HashMap<&str, usize> = HashMap::new();
+    for id in runs_text.lines() {
+        *starts.entry(id).or_default() += 1;
+    }
+    let duplicates: usize = starts.values().map(|c| c - 1).sum();
+    assert!(
+        duplicates <= kills * 3,
+        "{duplicates} duplicate runs for {kills} kills of a 3-slot runner"
+    );
+    let s = stats(&q);
+    assert_eq!(
+        (s["ready"].as_u64(), s["running"].as_u64(), s["dead"].as_u64()),
+        (Some(0), Some(0), Some(0))
+    );
+}
+
+#[test]
+fn shutdown_survives_a_storm_of_other_signals_and_gives_jobs_back() {
+    let (_d, q) = queue();
+    let qs = q_str(&q);
+    push(&q, &["--id", "stubborn-1", "--payload", "x"]);
+    push(&q, &["--id", "stubborn-2", "--payload", "x"]);
+    // Handlers that ignore SIGTERM and would run for a minute.
+    let mut r = spawn(&[
+        "run",
+        qs,
+        "-j",
+        "2",
+        "--grace",
+        "1s",
+        "--",
+        "sh",
+        "-c",
+        "trap '' TERM; sleep 60 & wait; sleep 60",
+    ]);
+    wait_for("both jobs to run", LONG, || count(&q, "running") == 2);
+    let started = Instant::now();
+    for sig in [
+        Signal::SIGTERM,
+        Signal::SIGHUP,
+        Signal::SIGALRM,
+        Signal::SIGUSR1,
+        Signal::SIGUSR2,
+    ] {
+        signal(&r, sig);
+    }
+    let status = wait_exit(&mut r, Duration::from_secs(30)).expect("the runner must stop within grace + kill deadline");
+    assert_eq!(status.code(), Some(0));
+    let took = started.elapsed();
+    let err = String::from_utf8_lossy(&{
+        use std::io::Read;
+        let mut b = Vec::new();
+        r.stderr.take().unwrap().read_to_end(&mut b).unwrap();
+        b
+    })
+    .into_owned();
+    assert!(err.contains("received SIGHUP; ignored"), "{err}");
+    assert!(err.contains("status:"), "SIGUSR1 logs the status: {err}");
+    assert!(err.contains("released back to ready"), "{err}");
+    eprintln!("shutdown took {took:?}");
+    // Both jobs are back in ready with no attempt counted, and no handler survived.
+    let s = stats(&q);
+    assert_eq!(
+        (s["ready"].as_u64(), s["running"].as_u64(), s["dead"].as_u64()),
+        (Some(2), Some(0), Some(0))
+    );
+    let ls = stdout(&run(&["ls", qs, "--json"]));
+    for line in ls.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert_eq!(v["attempts"], 0, "{v}");
+    }
+    wait_for("handlers to die", Duration::from_secs(10), || {
+        processes_with_env(qs).is_empty()
+    });
+    assert_eq!(count(&q, "runners"), 0, "a clean exit removes the registration");
+}
+
+#[test]
+fn a_second_stop_signal_skips_the_grace_period() {
+    let (_d, q) = queue();
+    let qs = q_str(&q);
+    push(&q, &["--payload", "x"]);
+    let mut r = spawn(&["run", qs, "--grace", "10m", "--", "sleep", "600"]);
+    wait_for("the job to run", LONG, || count(&q, "running") == 1);
+    signal(&r, Signal::SIGINT);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        r.try_wait().unwrap().is_none(),
+        "the first signal waits for the grace period"
+    );
+    signal(&r, Signal::SIGTERM);
+    let status = wait_exit(&mut r, Duration::from_secs(60)).expect("a second signal stops at once");
+    assert_eq!(status.code(), Some(0));
+    assert_eq!(stats(&q)["ready"], 1);
+}
+
+#[test]
+fn a_frozen_runner_past_its_lease_cannot_acknowledge_the_job_another_finished() {
+    let (d, q) = queue();
+    let qs = q_str(&q);
+    let done = d.path().join("done");
+    push(&q, &["--id", "contested", "--payload", "x"]);
+    let script = format!("sleep 1.5; echo $JOBSPOOL_LEASE >> {}", done.display());
+    let mut a = spawn(&["run", qs, "--lease", "500ms", "--", "sh", "-c", &script]);
+    wait_for("A to claim", LONG, || count(&q, "running") == 1);
+    signal(&a, Signal::SIGSTOP);
+    // B sees A alive (its lock is held) but its lease expired: B reclaims, kills A's handler,
+    // and runs the job itself.
+    let o = run(&["run", qs, "--lease", "500ms", "--drain", "--", "sh", "-c", &script]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("reclaimed: its lease expired") || stderr(&o).contains("killed"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(std::fs::read_to_string(&done).unwrap().lines().count(), 1);
+    signal(&a, Signal::SIGCONT);
+    // A resumes, finds its lease lost, and changes nothing.
+    std::thread::sleep(Duration::from_secs(1));
+    signal(&a, Signal::SIGTERM);
+    let status = wait_exit(&mut a, LONG).unwrap();
+    assert_eq!(status.code(), Some(0));
+    let err = {
+        use std::io::Read;
+        let mut b = Vec::new();
+        a.stderr.take().unwrap().read_to_end(&mut b).unwrap();
+        String::from_utf8_lossy(&b).into_owned()
+    };
+    assert!(err.contains("lease lost"), "{err}");
+    assert_eq!(
+        std::fs::read_to_string(&done).unwrap().lines().count(),
+        1,
+        "the stale handler never finished"
+    );
+    let s = stats(&q);
+    assert_eq!(
+        (s["ready"].as_u64(), s["running"].as_u64(), s["dead"].as_u64()),
+        (Some(0), Some(0), Some(0))
+    );
+}
+
+#[test]
+fn a_timeout_kills_the_handlers_grandchildren() {
+    let (d, q) = queue();
+    let qs = q_str(&q);
+    let pidfile = d.path().join("grandchild.pid");
+    push(
+        &q,
+        &[
+            "--id",
+            "slow",
+            "--timeout",
+            "500ms",
+            "--max-attempts",
+            "1",
+            "--payload",
+            "x",
+        ],
+    );
+    let script = format!("sleep 300 & echo $! > {}; wait", pidfile.display());
+    let o = run(&["run", qs, "--drain", "--", "sh", "-c", &script]);
+    assert_eq!(o.status.code(), Some(1));
+    let pid: i32 = std::fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
+    wait_for("the grandchild to die", Duration::from_secs(10), || {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map_or(true, |s| s.rsplit(')').next().unwrap().trim_start().starts_with('Z'))
+    });
+    let v: serde_json::Value = serde_json::from_slice(&run(&["show", qs, "slow", "--json"]).stdout).unwrap();
+    assert!(
+        v["dead_reason"].as_str().unwrap().starts_with("timed out after 500ms"),
+        "{v}"
+    );
+}
+
+#[test]
+fn an_idle_runner_sleeps_and_wakes_at_once_on_a_push() {
+    let (d, q) = queue();
+    let qs = q_str(&q);
+    let marker = d.path().join("ran");
+    let script = format!("date +%s%N > {}", marker.display());
+    let mut r = spawn(&["run", qs, "-j", "1", "--", "sh", "-c", &script]);
+    wait_for("registration", LONG, || count(&q, "runners") == 1);
+    std::thread::sleep(Duration::from_millis(500));
+    let pid = r.id();
+    let (cpu0, wake0) = (cpu_ticks(pid), wakeups(pid));
+    std::thread::sleep(Duration::from_secs(3));
+    let (cpu1, wake1) = (cpu_ticks(pid), wakeups(pid));
+    eprintln!(
+        "idle for 3s: {} clock ticks of CPU, {} wake-ups",
+        cpu1 - cpu0,
+        wake1 - wake0
+    );
+    // A polling loop, even at 100ms, would wake 30 times here; the runner's tick is 10s.
+    assert!(wake1 - wake0 <= 6, "an idle runner woke {} times in 3s", wake1 - wake0);
+    assert!(
+        cpu1 - cpu0 <= 2,
+        "an idle runner used {} ticks of CPU in 3s",
+        cpu1 - cpu0
+    );
+    let pushed = std::time::SystemTime::now();
+    push(&q, &["--payload", "wake up"]);
+    wait_for("the job to run", LONG, || {
+        marker.exists() && std::fs::metadata(&marker).unwrap().len() > 0
+    });
+    let ran_ns: u128 = std::fs::read_to_string(&marker).unwrap().trim().parse().unwrap();
+    let pushed_ns = pushed.duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    eprintln!(
+        "wake-up latency (push command start to handler start): {:.1}ms",
+        (ran_ns.saturating_sub(pushed_ns)) as f64 / 1e6
+    );
+    signal(&r, Signal::SIGTERM);
+    assert_eq!(wait_exit(&mut r, LONG).and_then(|s| s.code()), Some(0));
+}
+
+#[test]
+fn wait_decides_completion_and_reports_dead_jobs_and_timeouts() {
+    let (d, q) = queue();
+    let qs = q_str(&q);
+    let o = run(&["wait", qs]);
+    assert_eq!(o.status.code(), Some(0));
+    assert!(stdout(&o).contains("all done"), "{}", stdout(&o));
+
+    // A running job holds `wait` until it finishes.
+    let marker = d.path().join("finished");
+    push(&q, &["--payload", "x"]);
+    let script = format!("sleep 1; touch {}", marker.display());
+    let mut r = spawn(&["run", qs, "--", "sh", "-c", &script]);
+    wait_for("the job to run", LONG, || count(&q, "running") == 1);
+    let o = run(&["wait", qs, "--timeout", "1m"]);
+    assert_eq!(o.status.code(), Some(0));
+    assert!(marker.exists(), "wait returned while the job was still running");
+
+    signal(&r, Signal::SIGTERM);
+    wait_exit(&mut r, LONG).unwrap();
+    push(&q, &["--max-attempts", "1", "--payload", "x", "--id", "bad"]);
+    let o = run(&["run", qs, "--drain", "--", "false"]);
+    assert_eq!(o.status.code(), Some(1));
+    let o = run(&["wait", qs]);
+    assert_eq!(o.status.code(), Some(1), "dead jobs: exit 1");
+
+    push(&q, &["--delay", "1h", "--payload", "later"]);
+    let o = run(&["wait", qs, "--timeout", "300ms"]);
+    assert_eq!(o.status.code(), Some(124));
+    assert!(stdout(&o).contains("1 scheduled"), "{}", stdout(&o));
+}
+
+#[test]
+fn check_speaks_the_monitoring_plugin_convention() {
+    let (_d, q) = queue();
+    let qs = q_str(&q);
+    let o = run(&["check", qs]);
+    assert_eq!(o.status.code(), Some(0));
+    assert!(
+        stdout(&o).starts_with("JOBSPOOL OK - 0 ready, 0 running, 0 dead, 0 runner(s) | ready=0 "),
+        "{}",
+        stdout(&o)
+    );
+    assert!(stdout(&o).contains("runners=0"), "{}", stdout(&o));
+
+    let o = run(&["check", qs, "--min-runners", "1"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stdout(&o).starts_with("JOBSPOOL CRITICAL - 0 live runner(s), fewer than 1"),
+        "{}",
+        stdout(&o)
+    );
+
+    push(&q, &["--max-attempts", "1", "--payload", "x"]);
+    assert_eq!(run(&["run", qs, "--drain", "--", "false"]).status.code(), Some(1));
+    let o = run(&["check", qs]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stdout(&o).starts_with("JOBSPOOL WARNING - 1 dead"), "{}", stdout(&o));
+    assert!(stdout(&o).contains("dead=1;1;;0"), "{}", stdout(&o));
+    let o = run(&["check", qs, "--crit-dead", "1"]);
+    assert_eq!(o.status.code(), Some(2));
+
+    push(&q, &["--payload", "waiting"]);
+    std::thread::sleep(Duration::from_millis(1100));
+    let o = run(&["check", qs, "--warn-dead", "5", "--warn-age", "1s"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stdout(&o));
+    assert!(stdout(&o).contains("oldest ready job waited"), "{}", stdout(&o));
+
+    let o = run(&["check", "/nonexistent/queue"]);
+    assert_eq!(o.status.code(), Some(3));
+    assert!(stdout(&o).starts_with("JOBSPOOL UNKNOWN - "), "{}", stdout(&o));
+}
+
+#[test]
+fn jobs_removed_while_running_are_stopped_at_the_next_heartbeat() {
+    let (_d, q) = queue();
+    let qs = q_str(&q);
+    push(&q, &["--id", "cancel-me", "--payload", "x"]);
+    let mut r = spawn(&["run", qs, "--lease", "600ms", "--", "sleep", "600"]);
+    wait_for("the job to run", LONG, || count(&q, "running") == 1);
+    let o = run(&["rm", qs, "cancel-me"]);
+    assert!(
+        o.status.success() && stderr(&o).contains("was running"),
+        "{}",
+        stderr(&o)
+    );
+    wait_for("the handler to be stopped", LONG, || {
+        processes_with_env("JOBSPOOL_JOB_ID=cancel-me").is_empty()
+    });
+    signal(&r, Signal::SIGTERM);
+    assert_eq!(wait_exit(&mut r, LONG).and_then(|s| s.code()), Some(0));
+    let s = stats(&q);
+    assert_eq!(
+        (s["ready"].as_u64(), s["running"].as_u64(), s["dead"].as_u64()),
+        (Some(0), Some(0), Some(0))
+    );
+}
