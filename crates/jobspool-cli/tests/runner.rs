@@ -564,3 +564,93 @@ fn jobs_removed_while_running_are_stopped_at_the_next_heartbeat() {
         (Some(0), Some(0), Some(0))
     );
 }
+
+#[test]
+fn a_scheduled_job_runs_when_due_and_not_before() {
+    let (d, q) = queue();
+    let qs = q_str(&q);
+    let marker = d.path().join("ran");
+    let script = format!("date +%s%3N > {}", marker.display());
+    let mut r = spawn(&["run", qs, "--", "sh", "-c", &script]);
+    wait_for("registration", LONG, || count(&q, "runners") == 1);
+    let pushed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis();
+    push(&q, &["--delay", "1500ms", "--payload", "later"]);
+    assert_eq!(stats(&q)["scheduled"], 1);
+    wait_for("the scheduled job to run", LONG, || {
+        std::fs::read_to_string(&marker).is_ok_and(|s| !s.trim().is_empty())
+    });
+    let ran: u128 = std::fs::read_to_string(&marker).unwrap().trim().parse().unwrap();
+    assert!(ran >= pushed + 1500, "ran {}ms after the push", ran - pushed);
+    eprintln!("a job due in 1500ms ran after {}ms", ran - pushed);
+    signal(&r, Signal::SIGTERM);
+    assert_eq!(wait_exit(&mut r, LONG).and_then(|s| s.code()), Some(0));
+}
+
+#[test]
+fn a_running_runner_quarantines_foreign_files_and_keeps_going() {
+    let (d, q) = queue();
+    let qs = q_str(&q);
+    let marker = d.path().join("ran");
+    let script = format!("cat >> {}", marker.display());
+    let mut r = spawn(&["run", qs, "--", "sh", "-c", &script]);
+    wait_for("registration", LONG, || count(&q, "runners") == 1);
+    std::fs::write(
+        q.join("ready").join("0999.1732350000123.0.forged"),
+        b"JOBSPOOL 1\nid forged\ngarbage",
+    )
+    .unwrap();
+    std::os::unix::fs::symlink("/etc/passwd", q.join("ready").join("0999.1732350000123.0.link")).unwrap();
+    push(&q, &["--payload", "still flowing"]);
+    wait_for("the valid job to run", LONG, || {
+        std::fs::read_to_string(&marker).is_ok_and(|s| s == "still flowing")
+    });
+    wait_for("quarantine", LONG, || count(&q, "quarantine") == 2);
+    signal(&r, Signal::SIGTERM);
+    assert_eq!(wait_exit(&mut r, LONG).and_then(|s| s.code()), Some(0));
+    let err = {
+        use std::io::Read;
+        let mut b = Vec::new();
+        r.stderr.take().unwrap().read_to_end(&mut b).unwrap();
+        String::from_utf8_lossy(&b).into_owned()
+    };
+    assert!(err.contains("quarantined"), "{err}");
+    let listed = stdout(&run(&["ls", qs, "--state", "quarantine"]));
+    assert!(
+        listed.contains("symlink (from ready/)") && listed.contains("truncated (from running/)"),
+        "{listed}"
+    );
+    assert!(
+        std::fs::metadata("/etc/passwd").is_ok(),
+        "never followed, never deleted"
+    );
+}
+
+#[test]
+fn logs_follow_a_job_until_it_ends_and_status_lists_runners() {
+    let (_d, q) = queue();
+    let qs = q_str(&q);
+    push(&q, &["--id", "chatty", "--payload", "x"]);
+    let mut r = spawn(&["run", qs, "--", "sh", "-c", "echo one; sleep 0.5; echo two"]);
+    wait_for("the job to start", LONG, || {
+        count(&q, "running") == 1 || count(&q, "logs") > 0
+    });
+    let o = run(&["logs", qs, "chatty", "--follow"]);
+    assert!(o.status.success());
+    let text = stdout(&o);
+    assert!(
+        text.contains("one\n") && text.contains("two\n") && text.contains("exit 0 after"),
+        "{text}"
+    );
+    let status = stdout(&run(&["status", qs]));
+    assert!(status.contains("alive"), "{status}");
+    signal(&r, Signal::SIGKILL);
+    r.wait().unwrap();
+    let status: serde_json::Value = serde_json::from_slice(&run(&["status", qs, "--json"]).stdout).unwrap();
+    assert_eq!(
+        status["runners"][0]["alive"], false,
+        "a killed runner's entry is recognised as gone: {status}"
+    );
+}
