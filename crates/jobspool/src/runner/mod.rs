@@ -296,7 +296,6 @@ pub async fn run_async(store: Arc<dyn Store>, opts: RunnerOptions) -> Result<Run
     let mut next_gc = Instant::now();
     let mut paused_until: Option<tokio::time::Instant> = None;
     let mut progress = Progress::new(opts.progress && std::io::stderr().is_terminal());
-    let mut died_before = 0u64;
 
     loop {
         let now = tokio::time::Instant::now();
@@ -401,9 +400,6 @@ pub async fn run_async(store: Arc<dyn Store>, opts: RunnerOptions) -> Result<Run
             progress.show(&report, jobs.len(), opts.slots, true);
         }
         phase = escalate(phase, &stop_tx, &shared.settings, jobs.len());
-        if report.dead > died_before {
-            died_before = report.dead;
-        }
     }
 
     drop(watch_guard);
@@ -634,7 +630,7 @@ async fn run_job(sh: Arc<Shared>, claim: Claim, stop: watch::Receiver<Stop>) -> 
     let s = Arc::clone(&sh.store);
     let backoff = sh.settings.backoff;
     let runner = sh.runner_id.clone();
-    let (decision, error) = blocking(move || {
+    let (ended, decision, error) = blocking(move || {
         let _ = log.append(trailer.as_bytes());
         drop(log);
         let output = match &ended {
@@ -680,25 +676,16 @@ async fn run_job(sh: Arc<Shared>, claim: Claim, stop: watch::Receiver<Stop>) -> 
             ev.runner = Some(runner);
             let _ = s.record(&lease.id, &ev);
         }
-        (decision, error)
+        (ended, decision, error)
     })
     .await;
     JobEnd {
         id,
         attempt,
-        ended: ended_for_report(&decision),
+        ended,
         decision,
         took,
         error,
-    }
-}
-
-fn ended_for_report(d: &Decision) -> Ended {
-    match d {
-        Decision::Ack => Ended::Exit(0),
-        Decision::Release => Ended::Stopped,
-        Decision::Abandon => Ended::LeaseLost,
-        Decision::Retry { reason, .. } | Decision::Bury { reason } => Ended::Failed(reason.clone()),
     }
 }
 
@@ -1006,7 +993,7 @@ struct Progress {
     on: bool,
     started: Instant,
     last: Option<Instant>,
-    shown: Mutex<bool>,
+    shown: bool,
 }
 
 impl Progress {
@@ -1015,7 +1002,7 @@ impl Progress {
             on,
             started: Instant::now(),
             last: None,
-            shown: Mutex::new(false),
+            shown: false,
         }
     }
 
@@ -1043,11 +1030,11 @@ impl Progress {
         let mut err = std::io::stderr().lock();
         let _ = write!(err, "\r\x1b[2K{line}");
         let _ = err.flush();
-        *self.shown.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        self.shown = true;
     }
 
     fn finish(&mut self, r: &RunReport) {
-        if self.on && *self.shown.lock().unwrap_or_else(|e| e.into_inner()) {
+        if self.on && self.shown {
             self.show(r, 0, 0, true);
             let _ = writeln!(std::io::stderr());
         }

@@ -17,7 +17,6 @@
 //! whatever the creator's umask. The sticky bit is refused: it lets only a file's owner rename
 //! it, which breaks claims of jobs pushed by another user.
 
-use std::ffi::OsStr;
 use std::fs;
 use std::io::Write;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -280,11 +279,6 @@ pub fn doctor(root: &Path, cfg: &QueueConfig) -> Vec<String> {
         }
     }
     problems
-}
-
-/// True if `name` looks like something that must never be treated as a job file name.
-pub fn is_dotfile(name: &OsStr) -> bool {
-    name.as_encoded_bytes().first() == Some(&b'.')
 }
 
 #[cfg(test)]
