@@ -64,7 +64,11 @@ pub fn ls(queue: &str, state: StateFilter, json: bool) -> Result<u8> {
 }
 
 fn detail_json(d: &Detail, now: u64) -> Value {
-    let mut v = info_json(&d.info, now);
+    let info = JobInfo {
+        job: d.job.clone(),
+        ..d.info.clone()
+    };
+    let mut v = info_json(&info, now);
     if let Some(job) = &d.job {
         v["run_at"] = json!(job.run_at);
         v["max_attempts"] = json!(job.max_attempts);

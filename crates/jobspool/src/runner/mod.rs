@@ -203,6 +203,21 @@ struct JobEnd {
     error: Option<Error>,
 }
 
+/// Whether `program` names an executable file, directly or through `PATH`.
+fn is_executable(program: &std::ffi::OsStr) -> bool {
+    use nix::unistd::{AccessFlags, access};
+    let path = std::path::Path::new(program);
+    if program.as_encoded_bytes().contains(&b'/') {
+        return path.is_file() && access(path, AccessFlags::X_OK).is_ok();
+    }
+    std::env::var_os("PATH").is_some_and(|paths| {
+        std::env::split_paths(&paths).any(|dir| {
+            let candidate = dir.join(program);
+            candidate.is_file() && access(&candidate, AccessFlags::X_OK).is_ok()
+        })
+    })
+}
+
 /// Runs a blocking store call off the async thread.
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
     match tokio::task::spawn_blocking(f).await {
@@ -232,6 +247,14 @@ pub async fn run_async(store: Arc<dyn Store>, opts: RunnerOptions) -> Result<Run
         return Err(Error::Invalid(
             "no handler: give a command after --, or --allow-job-commands".into(),
         ));
+    }
+    if let Handler::Command(argv) = &opts.handler {
+        if !is_executable(&argv[0]) {
+            return Err(Error::Invalid(format!(
+                "handler {:?} is not an executable file or a program on PATH; give the full path of the program to run for each job",
+                argv[0]
+            )));
+        }
     }
     if matches!(opts.handler, Handler::JobCommands) && !opts.allow_job_commands {
         return Err(Error::Invalid(

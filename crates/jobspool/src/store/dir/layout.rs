@@ -73,8 +73,16 @@ fn resolve_group(name: &str) -> Result<nix::unistd::Gid> {
 
 /// Creates or repairs a queue directory; idempotent. Returns the configuration in force.
 pub fn init(root: &Path, opts: &InitOptions) -> Result<QueueConfig> {
-    let existing = read_config(root).ok();
-    if existing.is_none() && root.exists() {
+    let has_config = root.join(CONFIG_FILE).exists();
+    let existing = match read_config(root) {
+        Ok(c) => Some(c),
+        Err(e) if has_config => {
+            tracing::warn!("{e}; rewriting it with default settings");
+            None
+        }
+        Err(_) => None,
+    };
+    if !has_config && root.exists() {
         let non_empty = fs::read_dir(root)
             .map_err(|e| Error::io(root, "reading the directory", e))?
             .next()

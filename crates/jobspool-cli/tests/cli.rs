@@ -1,0 +1,177 @@
+//! The producer and operator commands, and the error policy: one line, a clear exit code.
+
+mod common;
+
+use std::io::Write;
+use std::process::Stdio;
+
+use common::*;
+
+fn with_stdin(args: &[&str], input: &[u8]) -> std::process::Output {
+    let mut child = cmd(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(input).unwrap();
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn init_is_idempotent_and_push_creates_a_missing_queue() {
+    let d = tempfile::tempdir().unwrap();
+    let q = d.path().join("new");
+    let qs = q.to_str().unwrap();
+    let id = push(&q, &["--payload", "x"]);
+    assert_eq!(id.len(), 36, "a generated UUIDv7: {id}");
+    for _ in 0..2 {
+        let o = run(&["init", qs, "--mode", "0600"]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        assert!(stdout(&o).contains("file mode 0600"));
+    }
+    assert_eq!(stats(&q)["ready"], 1, "init keeps the jobs");
+    let config = std::fs::read_to_string(q.join("jobspool.toml")).unwrap();
+    assert!(config.contains("mode = \"0600\""), "{config}");
+}
+
+#[test]
+fn payloads_come_from_the_flag_a_file_or_stdin_and_batches_from_lines() {
+    let (d, q) = queue();
+    let qs = q.to_str().unwrap();
+    push(&q, &["--id", "flag", "--payload", "from flag"]);
+    let file = d.path().join("payload.bin");
+    std::fs::write(&file, b"\x00\x01binary\xff").unwrap();
+    push(&q, &["--id", "file", "--payload-file", file.to_str().unwrap()]);
+    let o = with_stdin(&["push", qs, "--id", "stdin"], b"from stdin\n");
+    assert!(o.status.success());
+    let payload = |id: &str| run(&["show", qs, id, "--payload"]).stdout;
+    assert_eq!(payload("flag"), b"from flag");
+    assert_eq!(payload("file"), b"\x00\x01binary\xff");
+    assert_eq!(payload("stdin"), b"from stdin\n");
+
+    let o = with_stdin(&["push", qs, "--batch", "--priority", "7"], b"one\ntwo\nthree\n");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let ids: Vec<String> = stdout(&o).lines().map(String::from).collect();
+    assert_eq!(ids.len(), 3);
+    assert_eq!(payload(&ids[1]), b"two");
+    assert_eq!(stats(&q)["ready"], 6);
+    // Priority 7 sorts first in ready/ and in the listing.
+    let ls = stdout(&run(&["ls", qs, "--state", "ready"]));
+    let first = ls.lines().nth(1).unwrap();
+    assert!(first.starts_with(&ids[0]) && first.contains(" 7 "), "{ls}");
+}
+
+#[test]
+fn ls_show_and_stats_speak_to_people_and_to_programs() {
+    let (_d, q) = queue();
+    let qs = q.to_str().unwrap();
+    push(
+        &q,
+        &[
+            "--id",
+            "cmd",
+            "--priority",
+            "-3",
+            "--max-attempts",
+            "4",
+            "--timeout",
+            "90s",
+            "--",
+            "sendmail",
+            "-t",
+            "it's",
+        ],
+    );
+    push(&q, &["--id", "later", "--delay", "1h", "--payload", "tab\there"]);
+    let table = stdout(&run(&["ls", qs]));
+    assert!(table.starts_with("ID"), "{table}");
+    assert!(table.contains("sendmail -t 'it'\\''s'"), "{table}");
+    assert!(table.contains("scheduled") && table.contains("in 59m"), "{table}");
+    let json = stdout(&run(&["ls", qs, "--json", "--state", "scheduled"]));
+    let v: serde_json::Value = serde_json::from_str(json.lines().next().unwrap()).unwrap();
+    assert_eq!(
+        (v["id"].as_str(), v["state"].as_str(), v["attempts"].as_u64()),
+        (Some("later"), Some("scheduled"), Some(0))
+    );
+    let shown = stdout(&run(&["show", qs, "cmd"]));
+    for want in [
+        "state:        ready",
+        "priority:     -3",
+        "max attempts: 4",
+        "timeout:      90s",
+        "command:      sendmail -t",
+    ] {
+        assert!(shown.contains(want), "{want:?} missing in\n{shown}");
+    }
+    let v: serde_json::Value = serde_json::from_slice(&run(&["show", qs, "cmd", "--json"]).stdout).unwrap();
+    assert_eq!(v["command"], serde_json::json!(["sendmail", "-t", "it's"]));
+    assert_eq!(v["timeout_ms"], 90_000);
+    let s = stats(&q);
+    for key in ["ready", "scheduled", "running", "dead", "quarantined"] {
+        assert!(s[key].is_u64(), "{key} is not an integer in {s}");
+    }
+    assert_eq!((s["ready"].as_u64(), s["scheduled"].as_u64()), (Some(1), Some(1)));
+    assert!(s["oldest_ready_age_ms"].is_u64());
+}
+
+#[test]
+fn rm_removes_jobs_with_their_logs() {
+    let (_d, q) = queue();
+    let qs = q.to_str().unwrap();
+    push(&q, &["--id", "gone", "--payload", "x"]);
+    push(&q, &["--id", "kept", "--payload", "x"]);
+    let o = run(&["rm", qs, "gone", "missing"]);
+    assert_eq!(o.status.code(), Some(2), "an unknown id is reported");
+    assert!(stderr(&o).contains("no job missing"));
+    assert_eq!(stats(&q)["ready"], 1);
+    assert!(!q.join("logs/gone.events").exists());
+    push(&q, &["--id", "gone", "--payload", "again"]);
+}
+
+#[test]
+fn bad_input_gets_one_clear_line_and_a_non_zero_exit() {
+    let (_d, q) = queue();
+    let qs = q.to_str().unwrap();
+    let cases: Vec<(Vec<&str>, i32, &str)> = vec![
+        (
+            vec!["push", qs, "--id", "../etc/passwd", "--payload", "x"],
+            2,
+            "invalid job id",
+        ),
+        (vec!["push", qs, "--id", "a/b", "--payload", "x"], 2, "invalid job id"),
+        (
+            vec!["push", qs, "--priority", "1000", "--payload", "x"],
+            2,
+            "out of range",
+        ),
+        (
+            vec!["push", qs, "--delay", "soon", "--payload", "x"],
+            2,
+            "invalid duration",
+        ),
+        (vec!["push", qs, "--payload-file", "/no/such/file"], 3, "/no/such/file"),
+        (vec!["show", qs, "nope"], 2, "no job nope"),
+        (vec!["retry", qs, "nope"], 2, "no job nope"),
+        (vec!["ls", "/no/such/queue"], 2, "jobspool init /no/such/queue"),
+        (vec!["push", "/etc", "--payload", "x"], 2, "not a jobspool queue"),
+        (vec!["run", qs, "--", "/no/such/handler"], 2, "not an executable"),
+        (vec!["run", qs], 2, "no handler"),
+        (vec!["wait", qs, "--timeout", "x"], 2, "invalid duration"),
+    ];
+    for (args, code, needle) in cases {
+        let o = run(&args);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(code), "{args:?}: {err}");
+        assert!(err.contains(needle), "{args:?}: {err}");
+        assert!(
+            !err.contains("panicked") && !err.contains("RUST_BACKTRACE"),
+            "{args:?}: {err}"
+        );
+        if code != 2 || !err.starts_with("error:") {
+            assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: more than one line: {err}");
+        }
+    }
+    assert_eq!(stats(&q)["ready"], 0, "nothing was half-written");
+    assert!(std::fs::read_dir(q.join("tmp")).unwrap().next().is_none());
+}
