@@ -408,3 +408,55 @@ fn folders_on_another_file_system_are_refused_at_open() {
     let err = DirStore::open(&q, false).unwrap_err();
     assert!(err.to_string().contains("jobspool init"), "{err}");
 }
+
+fn age_file(path: &Path, secs: i64) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let t = nix::sys::time::TimeSpec::new(now - secs, 0);
+    nix::sys::stat::utimensat(
+        nix::fcntl::AT_FDCWD,
+        path,
+        &t,
+        &t,
+        nix::sys::stat::UtimensatFlags::NoFollowSymlink,
+    )
+    .unwrap();
+}
+
+#[test]
+fn garbage_collection_keeps_the_logs_of_live_jobs_and_reaps_crashed_pushes() {
+    let (_d, q) = queue();
+    let cfg = std::fs::read_to_string(q.join("jobspool.toml"))
+        .unwrap()
+        .replace("log_retention = \"7days\"", "log_retention = \"1s\"");
+    std::fs::write(q.join("jobspool.toml"), cfg).unwrap();
+    let store = DirStore::open(&q, false).unwrap();
+    assert_eq!(store.config().log_retention, Duration::from_secs(1));
+    // A job waiting to retry and a dead one keep their (old) logs; a finished one loses its log.
+    for id in ["waiting", "dead", "finished"] {
+        store.push(&NewJob::new("x").id(JobId::new(id).unwrap())).unwrap();
+    }
+    for _ in 0..3 {
+        let c = store.claim(LEASE).unwrap().unwrap();
+        store.open_log(&c.lease.id).unwrap().append(b"output\n").unwrap();
+        match c.job.id.as_str() {
+            "waiting" => store.retry(&c.lease, Duration::from_secs(3600)).unwrap(),
+            "dead" => store.bury(&c.lease, "test").unwrap(),
+            _ => store.ack(&c.lease).unwrap(),
+        }
+    }
+    for f in names(&q, "logs") {
+        age_file(&q.join("logs").join(f), 60);
+    }
+    // A push that crashed long ago, and one in progress now.
+    std::fs::write(q.join("tmp/crashed.123.abcd"), "partial").unwrap();
+    age_file(&q.join("tmp/crashed.123.abcd"), 7200);
+    std::fs::write(q.join("tmp/inflight.456.ef01"), "partial").unwrap();
+    let removed = store.collect_garbage().unwrap();
+    assert_eq!(removed, 3, "the finished job's log and history, and the crashed push");
+    assert_eq!(names(&q, "tmp"), ["inflight.456.ef01"]);
+    let logs = names(&q, "logs");
+    assert_eq!(logs, ["dead.events", "dead.log", "waiting.events", "waiting.log"]);
+}
