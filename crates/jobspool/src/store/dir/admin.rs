@@ -132,6 +132,18 @@ impl DirStore {
                 }
             }
         }
+        // Entries of runners that died without retiring (their lock is free).
+        let mine = lock(&self.me).as_ref().map(|r| r.id.clone()).unwrap_or_default();
+        for (name, kind) in self.list_dir(&self.d.runners)? {
+            let id = name.to_string_lossy().into_owned();
+            if kind == Kind::File
+                && !self.runner_alive(&id, &mine)
+                && self.fs.unlink(&self.d.runners, &name, false).is_ok()
+            {
+                tracing::info!(runner = %id, "removed the entry of a runner that is gone");
+                removed += 1;
+            }
+        }
         let mut live: HashSet<String> = HashSet::new();
         for (name, _) in self
             .list_dir(&self.d.ready)?

@@ -135,6 +135,6 @@ impl DirStore {
 
 /// This process's entry in `runners/`, locked for as long as it exists.
 pub(super) struct Registration {
-    id: String,
-    file: Flock<File>,
+    pub(super) id: String,
+    pub(super) file: Flock<File>,
 }
