@@ -39,7 +39,9 @@ pub fn wait(queue: &str, timeout: Option<Duration>) -> Result<u8> {
     let started = Instant::now();
     let mut pause = Duration::from_millis(10);
     loop {
+        let looked = Instant::now();
         let idle = store.idle()?;
+        let cost = looked.elapsed();
         if idle.is_idle() {
             let s = store.stats()?;
             println!(
@@ -61,8 +63,10 @@ pub fn wait(queue: &str, timeout: Option<Duration>) -> Result<u8> {
             );
             return Ok(124);
         }
-        // Completions are not announced by the store, so look again after a short, growing pause.
-        std::thread::sleep(remaining.map_or(pause, |r| r.min(pause)));
+        // Completions are not announced by the store, so look again after a short, growing
+        // pause — and never spend more than a tenth of the time looking, on a large queue.
+        let pause_now = pause.max(cost * 10);
+        std::thread::sleep(remaining.map_or(pause_now, |r| r.min(pause_now)));
         pause = (pause * 2).min(Duration::from_millis(500));
     }
 }
