@@ -454,7 +454,13 @@ fn garbage_collection_keeps_the_logs_of_live_jobs_and_reaps_crashed_pushes() {
     std::fs::write(q.join("tmp/crashed.123.abcd"), "partial").unwrap();
     age_file(&q.join("tmp/crashed.123.abcd"), 7200);
     std::fs::write(q.join("tmp/inflight.456.ef01"), "partial").unwrap();
+    std::fs::write(q.join("dead/stray.txt"), "not a job").unwrap();
     let removed = store.collect_garbage().unwrap();
+    assert!(
+        names(&q, "quarantine")[0].ends_with(".bad-name.dead.stray.txt"),
+        "{:?}",
+        names(&q, "quarantine")
+    );
     assert_eq!(removed, 3, "the finished job's log and history, and the crashed push");
     assert_eq!(names(&q, "tmp"), ["inflight.456.ef01"]);
     let logs = names(&q, "logs");

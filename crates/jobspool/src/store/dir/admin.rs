@@ -132,6 +132,18 @@ impl DirStore {
                 }
             }
         }
+        // Foreign entries in dead/ are never claimed, so nothing else would set them aside.
+        for (name, kind) in self.list_dir(&self.d.dead)? {
+            if kind != Kind::File {
+                self.quarantine(&self.d.dead, &name, &Problem::Kind(kind));
+            } else if QueuedName::parse(name.as_bytes()).is_none() {
+                self.quarantine(
+                    &self.d.dead,
+                    &name,
+                    &Problem::Other("bad-name", "the name is not a job name".into()),
+                );
+            }
+        }
         // Entries of runners that died without retiring (their lock is free).
         let mine = lock(&self.me).as_ref().map(|r| r.id.clone()).unwrap_or_default();
         for (name, kind) in self.list_dir(&self.d.runners)? {
