@@ -13,9 +13,10 @@
 //! - claim cost does not grow with the backlog.
 //!
 //! [`dir::DirStore`] keeps a queue directory on local disk; [`redis::RedisStore`] keeps a queue in a
-//! Redis server. [`open`] picks one from a path or a URL.
+//! Redis server. [`open`] picks one from a path or a URL (`redis://HOST:PORT/DB?queue=NAME`).
 
 pub mod dir;
+pub mod redis;
 
 use std::fs::File;
 use std::sync::Arc;
@@ -385,6 +386,9 @@ pub trait Store: Send + Sync {
 /// Opens a queue: a `redis://` or `rediss://` URL selects the Redis store, anything else is a
 /// queue directory (created with default settings when `create` is true and it is missing).
 pub fn open(target: &str, create: bool) -> Result<Arc<dyn Store>> {
+    if redis::is_url(target) {
+        return Ok(Arc::new(redis::RedisStore::open(target, create)?));
+    }
     let store = dir::DirStore::open(target, create)?;
     Ok(Arc::new(store))
 }

@@ -1,0 +1,978 @@
+//! The Redis store: the same queue semantics in a Redis server, for queues shared across machines.
+//!
+//! A queue is addressed as `redis://[USER:PASSWORD@]HOST:PORT/DB?queue=NAME`. Every state
+//! transition is one Lua script (see [`scripts`]) that checks the caller's lease token, takes the
+//! time from the server, and touches only keys under the queue's hash tag `{jobspool:NAME}`, so a
+//! stale holder can never disturb the new holder and the store works on Redis Cluster.
+//!
+//! Durability is the server's: with `appendonly yes` and `appendfsync always` a push is on disk
+//! before Redis answers it. [`Store::doctor`] reports settings that cannot keep that promise.
+
+mod scripts;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ::redis::{Script, Value};
+
+use super::*;
+use crate::Error;
+use crate::body;
+use crate::config::QueueConfig;
+use crate::job::{MAX_PRIORITY, now_ms};
+
+/// Largest log kept per job; past it the oldest half is dropped.
+pub const LOG_CAP: usize = 1 << 20;
+
+/// A runner whose registration is older than this is taken for dead.
+const ALIVE_WINDOW_MS: u64 = 30_000;
+
+/// Registrations silent for longer than this are removed by garbage collection.
+const FORGET_RUNNERS_MS: u64 = 3_600_000;
+
+/// Jobs per push script: a batch larger than this is pushed in several atomic parts.
+const PUSH_CHUNK: usize = 1000;
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const IO_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Where a Redis queue lives, parsed from its URL.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Address {
+    /// The server URL without the `queue` parameter (passed to the client).
+    pub server: String,
+    /// The queue's name.
+    pub queue: String,
+}
+
+impl Address {
+    /// Parses `redis://HOST:PORT/DB?queue=NAME`.
+    pub fn parse(url: &str) -> Result<Address> {
+        let bad = |what: &str| {
+            Error::Invalid(format!(
+                "{url}: {what}; a Redis queue is written redis://HOST:PORT/DB?queue=NAME (for example redis://127.0.0.1:6379/0?queue=mail)"
+            ))
+        };
+        if !url.starts_with("redis://") {
+            return Err(bad("only redis:// URLs are supported"));
+        }
+        let (server, query) = url.split_once('?').ok_or_else(|| bad("the queue name is missing"))?;
+        let mut queue = None;
+        for pair in query.split('&') {
+            match pair.split_once('=') {
+                Some(("queue", name)) => queue = Some(name.to_string()),
+                _ => return Err(bad(&format!("unknown parameter {pair:?}"))),
+            }
+        }
+        let queue = queue.ok_or_else(|| bad("the queue name is missing"))?;
+        if let Err(why) = JobId::check(&queue) {
+            return Err(bad(&format!("queue name {queue:?} is not valid: {why}")));
+        }
+        Ok(Address {
+            server: server.to_string(),
+            queue,
+        })
+    }
+}
+
+/// True when `target` names a Redis queue rather than a directory.
+pub fn is_url(target: &str) -> bool {
+    target.starts_with("redis://") || target.starts_with("rediss://")
+}
+
+struct Scripts {
+    push: Script,
+    claim: Script,
+    reclaim: Script,
+    heartbeat: Script,
+    ack: Script,
+    retry: Script,
+    bury: Script,
+    release: Script,
+    quarantine: Script,
+    revive: Script,
+    remove: Script,
+    stats: Script,
+    next_due: Script,
+    log_append: Script,
+    record: Script,
+    announce: Script,
+    runners: Script,
+    forget_runners: Script,
+}
+
+impl Scripts {
+    fn new() -> Scripts {
+        let s = |body: &str| Script::new(&scripts::source(body));
+        Scripts {
+            push: s(scripts::PUSH),
+            claim: s(scripts::CLAIM),
+            reclaim: s(scripts::RECLAIM),
+            heartbeat: s(scripts::HEARTBEAT),
+            ack: s(scripts::ACK),
+            retry: s(scripts::RETRY),
+            bury: s(scripts::BURY),
+            release: s(scripts::RELEASE),
+            quarantine: s(scripts::QUARANTINE),
+            revive: s(scripts::REVIVE),
+            remove: s(scripts::REMOVE),
+            stats: s(scripts::STATS),
+            next_due: s(scripts::NEXT_DUE),
+            log_append: s(scripts::LOG_APPEND),
+            record: s(scripts::RECORD),
+            announce: s(scripts::ANNOUNCE),
+            runners: s(scripts::RUNNERS),
+            forget_runners: s(scripts::FORGET_RUNNERS),
+        }
+    }
+}
+
+struct Inner {
+    target: String,
+    /// The target with any password masked, for messages.
+    shown: String,
+    client: ::redis::Client,
+    prefix: String,
+    conn: Mutex<Option<::redis::Connection>>,
+    scripts: Scripts,
+    config: QueueConfig,
+}
+
+impl Inner {
+    fn backend(&self, e: ::redis::RedisError) -> Error {
+        let hint = if e.is_io_error() || e.is_connection_refusal() || e.is_timeout() {
+            "; is the Redis server running and reachable?"
+        } else {
+            ""
+        };
+        Error::Backend {
+            target: self.shown.clone(),
+            msg: format!("{e}{hint}"),
+        }
+    }
+
+    /// Runs `f` on the store's connection, connecting first if needed. A connection that failed
+    /// is dropped so the next call reconnects; the call itself is not repeated, since a script
+    /// that reached the server may have been applied.
+    fn with<T>(&self, f: impl FnOnce(&mut ::redis::Connection) -> ::redis::RedisResult<T>) -> Result<T> {
+        let mut guard = self.conn.lock().unwrap_or_else(|e| e.into_inner());
+        if guard.is_none() {
+            let c = connect(&self.client).map_err(|e| self.backend(e))?;
+            *guard = Some(c);
+        }
+        let conn = guard.as_mut().expect("connected above");
+        match f(conn) {
+            Ok(v) => Ok(v),
+            Err(e) => {
+                if e.is_io_error() || e.is_connection_dropped() || e.is_timeout() || e.is_unrecoverable_error() {
+                    *guard = None;
+                }
+                Err(self.backend(e))
+            }
+        }
+    }
+
+    fn key(&self, suffix: &str) -> String {
+        format!("{}:{suffix}", self.prefix)
+    }
+
+    /// Invokes a script with the queue prefix as its first argument.
+    fn run<T: ::redis::FromRedisValue>(&self, script: &Script, args: &[&dyn Arg]) -> Result<T> {
+        self.with(|c| {
+            let mut inv = script.key(self.key("ready"));
+            inv.arg(&self.prefix);
+            for a in args {
+                inv.arg(a.bytes());
+            }
+            inv.invoke(c)
+        })
+    }
+}
+
+/// A script argument, as the bytes sent to the server.
+trait Arg {
+    fn bytes(&self) -> Vec<u8>;
+}
+
+impl Arg for str {
+    fn bytes(&self) -> Vec<u8> {
+        self.as_bytes().to_vec()
+    }
+}
+
+impl Arg for String {
+    fn bytes(&self) -> Vec<u8> {
+        self.as_bytes().to_vec()
+    }
+}
+
+impl Arg for [u8] {
+    fn bytes(&self) -> Vec<u8> {
+        self.to_vec()
+    }
+}
+
+impl Arg for Vec<u8> {
+    fn bytes(&self) -> Vec<u8> {
+        self.clone()
+    }
+}
+
+impl<T: Arg + ?Sized> Arg for &T {
+    fn bytes(&self) -> Vec<u8> {
+        (**self).bytes()
+    }
+}
+
+macro_rules! number_arg {
+    ($($t:ty),*) => {$(
+        impl Arg for $t {
+            fn bytes(&self) -> Vec<u8> {
+                self.to_string().into_bytes()
+            }
+        }
+    )*};
+}
+number_arg!(u32, u64, usize, i64);
+
+fn connect(client: &::redis::Client) -> ::redis::RedisResult<::redis::Connection> {
+    let c = client.get_connection_with_timeout(CONNECT_TIMEOUT)?;
+    c.set_read_timeout(Some(IO_TIMEOUT))?;
+    c.set_write_timeout(Some(IO_TIMEOUT))?;
+    Ok(c)
+}
+
+fn mask_password(url: &str) -> String {
+    match (url.find("://"), url.find('@')) {
+        (Some(s), Some(at)) if at > s => match url[s + 3..at].split_once(':') {
+            Some((user, _)) => format!("{}{user}:***{}", &url[..s + 3], &url[at..]),
+            None => url.to_string(),
+        },
+        _ => url.to_string(),
+    }
+}
+
+/// A queue kept in a Redis server.
+pub struct RedisStore {
+    inner: Arc<Inner>,
+    runner_id: Mutex<Option<String>>,
+    /// The attempt limit the last [`Store::reclaim`] was given, used by the reclaim that every
+    /// claim runs first.
+    reclaim_max: AtomicU32,
+    /// Claims taken back by a claim's own reclaim, reported by the next [`Store::reclaim`].
+    reclaimed: Mutex<Vec<Reclaimed>>,
+}
+
+impl RedisStore {
+    /// Opens the queue at `url`. When it has no configuration yet, it is created with defaults if
+    /// `create` is true, else refused with a hint to run `jobspool init`.
+    pub fn open(url: &str, create: bool) -> Result<RedisStore> {
+        Self::open_with(url, create.then(QueueConfig::default), false)
+    }
+
+    /// Creates the queue at `url` (idempotent), or rewrites its configuration when `replace`.
+    pub fn init(url: &str, config: QueueConfig, replace: bool) -> Result<RedisStore> {
+        Self::open_with(url, Some(config), replace)
+    }
+
+    fn open_with(url: &str, create: Option<QueueConfig>, replace: bool) -> Result<RedisStore> {
+        let addr = Address::parse(url)?;
+        let shown = mask_password(url);
+        let client = ::redis::Client::open(addr.server.as_str()).map_err(|e| {
+            Error::Invalid(format!(
+                "{shown}: {e}; a Redis queue is written redis://HOST:PORT/DB?queue=NAME"
+            ))
+        })?;
+        let mut inner = Inner {
+            target: url.to_string(),
+            shown,
+            client,
+            prefix: format!("{{jobspool:{}}}", addr.queue),
+            conn: Mutex::new(None),
+            scripts: Scripts::new(),
+            config: QueueConfig::default(),
+        };
+        let key = inner.key("config");
+        let text: Option<String> = inner.with(|c| ::redis::cmd("GET").arg(&key).query(c))?;
+        inner.config = match (text, create) {
+            (Some(_), Some(cfg)) if replace => {
+                inner.with(|c| ::redis::cmd("SET").arg(&key).arg(cfg.to_toml()).query::<()>(c))?;
+                cfg
+            }
+            (Some(t), _) => QueueConfig::parse(&t).map_err(|msg| Error::Backend {
+                target: inner.shown.clone(),
+                msg: format!(
+                    "the queue's configuration (key {key}) is not valid: {msg}; rewrite it with `jobspool init`"
+                ),
+            })?,
+            (None, Some(cfg)) => {
+                inner.with(|c| {
+                    ::redis::cmd("SET")
+                        .arg(&key)
+                        .arg(cfg.to_toml())
+                        .arg("NX")
+                        .query::<()>(c)
+                })?;
+                cfg
+            }
+            (None, None) => {
+                return Err(Error::Backend {
+                    target: inner.shown.clone(),
+                    msg: "no such queue; create it with `jobspool init` or push a job to it".into(),
+                });
+            }
+        };
+        Ok(RedisStore {
+            inner: Arc::new(inner),
+            runner_id: Mutex::new(None),
+            reclaim_max: AtomicU32::new(0),
+            reclaimed: Mutex::new(Vec::new()),
+        })
+    }
+
+    fn lost(id: &JobId) -> Error {
+        Error::LeaseLost { id: id.to_string() }
+    }
+
+    fn my_id(&self) -> String {
+        self.runner_id
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_or_insert_with(|| crate::store::dir::name::random_hex(16))
+            .clone()
+    }
+
+    fn retention_ms(&self) -> u64 {
+        self.inner.config.log_retention.as_millis().max(1) as u64
+    }
+
+    fn push_chunk(&self, jobs: &[(JobId, &NewJob)]) -> Result<()> {
+        let now = now_ms();
+        let mut args: Vec<Vec<u8>> = Vec::with_capacity(1 + jobs.len() * 5);
+        args.push(jobs.len().to_string().into_bytes());
+        for (id, new) in jobs {
+            let job = Job::from_new(new, id.clone(), now);
+            args.push(id.as_str().as_bytes().to_vec());
+            args.push(body::encode(&job));
+            args.push((MAX_PRIORITY - new.priority).to_string().into_bytes());
+            args.push(job.run_at.saturating_sub(now).to_string().into_bytes());
+            args.push(new.max_attempts.unwrap_or(0).to_string().into_bytes());
+        }
+        let refs: Vec<&dyn Arg> = args.iter().map(|a| a as &dyn Arg).collect();
+        let reply: Vec<String> = self.inner.run(&self.inner.scripts.push, &refs)?;
+        match reply.as_slice() {
+            [ok] if ok == "ok" => Ok(()),
+            [what, id] if what == "exists" => Err(Error::JobExists {
+                id: id.clone(),
+                queue: self.inner.shown.clone(),
+            }),
+            other => Err(self.unexpected("push", other)),
+        }
+    }
+
+    fn unexpected(&self, what: &str, reply: impl std::fmt::Debug) -> Error {
+        Error::Backend {
+            target: self.inner.shown.clone(),
+            msg: format!("unexpected reply to {what}: {reply:?}"),
+        }
+    }
+
+    fn transition(&self, script: &Script, lease: &Lease, extra: &[&dyn Arg]) -> Result<()> {
+        let id = lease.id.as_str();
+        let mut args: Vec<&dyn Arg> = vec![&id, &lease.token];
+        args.extend_from_slice(extra);
+        let ok: i64 = self.inner.run(script, &args)?;
+        if ok == 1 { Ok(()) } else { Err(Self::lost(&lease.id)) }
+    }
+
+    fn parse_reclaimed(&self, flat: &[Value]) -> Vec<Reclaimed> {
+        flat.chunks(4)
+            .filter_map(|c| {
+                let id = JobId::new(text(&c[0])?).ok()?;
+                Some(Reclaimed {
+                    id,
+                    old_token: text(&c[1])?,
+                    cause: ReclaimCause::LeaseExpired,
+                    attempts: int(&c[2])? as u32,
+                    buried: int(&c[3])? == 1,
+                })
+            })
+            .collect()
+    }
+
+    fn ids(&self, zset: &str) -> Result<Vec<String>> {
+        let key = self.inner.key(zset);
+        self.inner
+            .with(|c| ::redis::cmd("ZRANGE").arg(&key).arg(0).arg(-1).query(c))
+    }
+
+    fn fields(&self, id: &str) -> Result<HashMap<String, Vec<u8>>> {
+        let key = self.inner.key(&format!("job:{id}"));
+        self.inner.with(|c| ::redis::cmd("HGETALL").arg(&key).query(c))
+    }
+
+    fn info(&self, id: &str, f: &HashMap<String, Vec<u8>>, expires: Option<Millis>, bodies: bool) -> Option<JobInfo> {
+        let get = |k: &str| f.get(k).map(|v| String::from_utf8_lossy(v).into_owned());
+        let num = |k: &str| get(k).and_then(|v| v.parse::<u64>().ok());
+        let state = match get("state")?.as_str() {
+            "ready" => State::Ready,
+            "scheduled" => State::Scheduled,
+            "running" => State::Running,
+            "dead" => State::Dead,
+            "quarantined" => State::Quarantined,
+            _ => return None,
+        };
+        let job = if bodies || state != State::Quarantined {
+            f.get("body").and_then(|b| body::decode(b).ok())
+        } else {
+            None
+        };
+        let runner = get("runner").filter(|r| !r.is_empty() && state == State::Running);
+        Some(JobInfo {
+            id: id.to_string(),
+            state,
+            attempts: num("attempts").unwrap_or(0) as u32,
+            priority: num("pkey").map_or(0, |k| MAX_PRIORITY - k as i16),
+            since: num("since").unwrap_or(0),
+            runner,
+            expires: if state == State::Running { expires } else { None },
+            reason: get("reason"),
+            job: if bodies { job } else { None },
+        })
+    }
+}
+
+fn text(v: &Value) -> Option<String> {
+    match v {
+        Value::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
+        Value::SimpleString(s) => Some(s.clone()),
+        Value::Int(i) => Some(i.to_string()),
+        _ => None,
+    }
+}
+
+fn int(v: &Value) -> Option<i64> {
+    match v {
+        Value::Int(i) => Some(*i),
+        other => text(other)?.parse().ok(),
+    }
+}
+
+impl Store for RedisStore {
+    fn target(&self) -> &str {
+        &self.inner.target
+    }
+
+    fn config(&self) -> &QueueConfig {
+        &self.inner.config
+    }
+
+    fn push(&self, job: &NewJob) -> Result<JobId> {
+        Ok(self.push_batch(std::slice::from_ref(job))?.remove(0))
+    }
+
+    fn push_batch(&self, jobs: &[NewJob]) -> Result<Vec<JobId>> {
+        let mut ids = Vec::with_capacity(jobs.len());
+        for j in jobs {
+            j.validate()?;
+            ids.push(j.id.clone().unwrap_or_else(JobId::generate));
+        }
+        let pairs: Vec<(JobId, &NewJob)> = ids.iter().cloned().zip(jobs.iter()).collect();
+        for chunk in pairs.chunks(PUSH_CHUNK) {
+            self.push_chunk(chunk)?;
+        }
+        Ok(ids)
+    }
+
+    fn claim(&self, lease: Duration) -> Result<Option<Claim>> {
+        let lease_ms = lease.as_millis().max(1) as u64;
+        let max = match self.reclaim_max.load(Ordering::Relaxed) {
+            0 => self.inner.config.max_attempts,
+            n => n,
+        };
+        let runner = self.my_id();
+        loop {
+            let reply: Vec<Value> = self.inner.run(&self.inner.scripts.claim, &[&lease_ms, &runner, &max])?;
+            let (Some(found), Some(Value::Array(reclaimed))) = (reply.first().and_then(int), reply.get(1)) else {
+                return Err(self.unexpected("claim", &reply));
+            };
+            let reclaimed = self.parse_reclaimed(reclaimed);
+            if !reclaimed.is_empty() {
+                self.reclaimed
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .extend(reclaimed);
+            }
+            if found == 0 {
+                return Ok(None);
+            }
+            let (Some(id), Some(token), Some(attempt), Some(Value::BulkString(bytes))) = (
+                reply.get(2).and_then(text),
+                reply.get(3).and_then(text),
+                reply.get(4).and_then(int),
+                reply.get(5),
+            ) else {
+                return Err(self.unexpected("claim", &reply));
+            };
+            let checked = match body::decode(bytes) {
+                Ok(job) if job.id.as_str() == id => Ok(job),
+                Ok(job) => Err(format!("the body is for job {} not {id}", job.id)),
+                Err(c) => Err(c.to_string()),
+            };
+            match checked {
+                Ok(job) => {
+                    let lease = Lease {
+                        id: job.id.clone(),
+                        attempt: attempt as u32,
+                        token,
+                    };
+                    return Ok(Some(Claim { job, lease }));
+                }
+                Err(reason) => {
+                    tracing::error!(job = %id, "quarantined: {reason}");
+                    let _: i64 = self
+                        .inner
+                        .run(&self.inner.scripts.quarantine, &[&id, &token, &reason])?;
+                }
+            }
+        }
+    }
+
+    fn heartbeat(&self, lease: &Lease) -> Result<()> {
+        self.transition(&self.inner.scripts.heartbeat, lease, &[])
+    }
+
+    fn ack(&self, lease: &Lease) -> Result<()> {
+        let keep = self.retention_ms();
+        self.transition(&self.inner.scripts.ack, lease, &[&keep])
+    }
+
+    fn retry(&self, lease: &Lease, delay: Duration) -> Result<()> {
+        let ms = delay.as_millis() as u64;
+        self.transition(&self.inner.scripts.retry, lease, &[&ms])
+    }
+
+    fn bury(&self, lease: &Lease, reason: &str) -> Result<()> {
+        self.transition(&self.inner.scripts.bury, lease, &[&reason])
+    }
+
+    fn release(&self, lease: &Lease) -> Result<()> {
+        self.transition(&self.inner.scripts.release, lease, &[])
+    }
+
+    fn reclaim(&self, max_attempts: u32) -> Result<Vec<Reclaimed>> {
+        self.reclaim_max.store(max_attempts.max(1), Ordering::Relaxed);
+        let flat: Vec<Value> = self.inner.run(&self.inner.scripts.reclaim, &[&max_attempts.max(1)])?;
+        let mut out = std::mem::take(&mut *self.reclaimed.lock().unwrap_or_else(|e| e.into_inner()));
+        out.extend(self.parse_reclaimed(&flat));
+        for r in &out {
+            tracing::warn!(job = %r.id, attempt = r.attempts, buried = r.buried, "reclaimed: its lease expired");
+        }
+        Ok(out)
+    }
+
+    fn list(&self, states: &[State], bodies: bool) -> Result<Vec<JobInfo>> {
+        let mut out = Vec::new();
+        for state in states {
+            let zset = match state {
+                State::Ready => "ready",
+                State::Scheduled => "sched",
+                State::Running => "running",
+                State::Dead => "dead",
+                State::Quarantined => "quarantine",
+            };
+            let ids = self.ids(zset)?;
+            let expiries: HashMap<String, u64> = if *state == State::Running {
+                let key = self.inner.key("running");
+                let pairs: Vec<(String, f64)> = self.inner.with(|c| {
+                    ::redis::cmd("ZRANGE")
+                        .arg(&key)
+                        .arg(0)
+                        .arg(-1)
+                        .arg("WITHSCORES")
+                        .query(c)
+                })?;
+                pairs.into_iter().map(|(id, s)| (id, s as u64)).collect()
+            } else {
+                HashMap::new()
+            };
+            for id in ids {
+                let f = self.fields(&id)?;
+                if let Some(info) = self.info(&id, &f, expiries.get(&id).copied(), bodies) {
+                    out.push(info);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn stats(&self) -> Result<Stats> {
+        let v: Vec<i64> = self.inner.run(&self.inner.scripts.stats, &[])?;
+        let [ready, scheduled, running, dead, quarantined, oldest] = v[..] else {
+            return Err(self.unexpected("stats", &v));
+        };
+        Ok(Stats {
+            ready: ready as u64,
+            scheduled: scheduled as u64,
+            running: running as u64,
+            dead: dead as u64,
+            quarantined: quarantined as u64,
+            oldest_ready: (oldest >= 0).then_some(oldest as u64),
+        })
+    }
+
+    fn idle(&self) -> Result<Idle> {
+        let s = self.stats()?;
+        Ok(Idle {
+            ready: s.ready,
+            scheduled: s.scheduled,
+            running: s.running,
+        })
+    }
+
+    fn get(&self, id: &str) -> Result<Detail> {
+        let f = self.fields(id)?;
+        let expires = {
+            let key = self.inner.key("running");
+            let s: Option<f64> = self.inner.with(|c| ::redis::cmd("ZSCORE").arg(&key).arg(id).query(c))?;
+            s.map(|s| s as u64)
+        };
+        let Some(info) = self.info(id, &f, expires, false) else {
+            return Err(Error::NotFound {
+                id: id.to_string(),
+                queue: self.inner.shown.clone(),
+            });
+        };
+        let job = f.get("body").and_then(|b| body::decode(b).ok());
+        let key = self.inner.key(&format!("events:{id}"));
+        let lines: Vec<String> = self
+            .inner
+            .with(|c| ::redis::cmd("LRANGE").arg(&key).arg(0).arg(-1).query(c))?;
+        let history = lines.iter().filter_map(|l| serde_json::from_str(l).ok()).collect();
+        Ok(Detail { info, job, history })
+    }
+
+    fn revive(&self, id: &JobId) -> Result<()> {
+        let before: String = self.inner.run(&self.inner.scripts.revive, &[&id.as_str()])?;
+        match before.as_str() {
+            "dead" => Ok(()),
+            "" => Err(Error::NotFound {
+                id: id.to_string(),
+                queue: self.inner.shown.clone(),
+            }),
+            other => Err(Error::WrongState {
+                id: id.to_string(),
+                state: state_name(other),
+                what: "only dead jobs can be retried",
+            }),
+        }
+    }
+
+    fn revive_all(&self) -> Result<Vec<JobId>> {
+        let mut out = Vec::new();
+        for id in self.ids("dead")? {
+            let Ok(id) = JobId::new(id) else { continue };
+            match self.revive(&id) {
+                Ok(()) => out.push(id),
+                Err(Error::NotFound { .. } | Error::WrongState { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(out)
+    }
+
+    fn remove(&self, id: &str) -> Result<State> {
+        let before: String = self.inner.run(&self.inner.scripts.remove, &[&id])?;
+        match before.as_str() {
+            "ready" => Ok(State::Ready),
+            "scheduled" => Ok(State::Scheduled),
+            "running" => Ok(State::Running),
+            "dead" => Ok(State::Dead),
+            "quarantined" => Ok(State::Quarantined),
+            _ => Err(Error::NotFound {
+                id: id.to_string(),
+                queue: self.inner.shown.clone(),
+            }),
+        }
+    }
+
+    fn record(&self, id: &JobId, event: &Event) -> Result<()> {
+        let json = serde_json::to_string(event).expect("events serialize");
+        let keep = self.retention_ms();
+        let _: i64 = self
+            .inner
+            .run(&self.inner.scripts.record, &[&id.as_str(), &json, &keep])?;
+        Ok(())
+    }
+
+    fn open_log(&self, id: &JobId) -> Result<Box<dyn JobLog>> {
+        Ok(Box::new(RedisLog {
+            inner: Arc::clone(&self.inner),
+            id: id.clone(),
+            retention_ms: self.retention_ms(),
+        }))
+    }
+
+    fn read_log(&self, id: &JobId, from: u64) -> Result<Option<Vec<u8>>> {
+        let (log, off) = (
+            self.inner.key(&format!("log:{id}")),
+            self.inner.key(&format!("logoff:{id}")),
+        );
+        let (exists, trimmed): (bool, Option<u64>) = self
+            .inner
+            .with(|c| ::redis::pipe().cmd("EXISTS").arg(&log).cmd("GET").arg(&off).query(c))?;
+        if !exists {
+            return Ok(None);
+        }
+        let start = from.saturating_sub(trimmed.unwrap_or(0));
+        let bytes: Vec<u8> = self
+            .inner
+            .with(|c| ::redis::cmd("GETRANGE").arg(&log).arg(start).arg(-1).query(c))?;
+        Ok(Some(bytes))
+    }
+
+    fn watch(&self, wake: Wake) -> Result<Box<dyn WatchGuard>> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let channel = self.inner.key("wake");
+        let mut conn = connect(&self.inner.client).map_err(|e| self.inner.backend(e))?;
+        conn.set_read_timeout(None).map_err(|e| self.inner.backend(e))?;
+        let subscribed = {
+            let mut ps = conn.as_pubsub();
+            ps.subscribe(&channel)
+        };
+        subscribed.map_err(|e| self.inner.backend(e))?;
+        let (client, shown, s) = (self.inner.client.clone(), self.inner.shown.clone(), Arc::clone(&stop));
+        let ch = channel.clone();
+        std::thread::Builder::new()
+            .name("jobspool-redis-watch".into())
+            .spawn(move || listen(conn, client, &ch, &shown, &s, &wake))
+            .map_err(|e| Error::io("<thread>", "starting the Redis watcher", e))?;
+        Ok(Box::new(RedisWatch {
+            stop,
+            client: self.inner.client.clone(),
+            channel,
+        }))
+    }
+
+    fn next_due(&self) -> Result<Option<Millis>> {
+        let wait: i64 = self.inner.run(&self.inner.scripts.next_due, &[])?;
+        Ok((wait >= 0).then(|| now_ms().saturating_add(wait as u64)))
+    }
+
+    fn announce(&self, status: &RunnerStatus) -> Result<String> {
+        let id = self.my_id();
+        let json = serde_json::to_string(status).expect("status serializes");
+        let _: i64 = self.inner.run(&self.inner.scripts.announce, &[&id, &json])?;
+        Ok(id)
+    }
+
+    fn retire(&self) -> Result<()> {
+        let id = self.runner_id.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if let Some(id) = id {
+            let key = self.inner.key("runners");
+            self.inner
+                .with(|c| ::redis::cmd("HDEL").arg(&key).arg(&id).query::<()>(c))?;
+        }
+        Ok(())
+    }
+
+    fn runners(&self) -> Result<Vec<RunnerInfo>> {
+        let flat: Vec<String> = self.inner.run(&self.inner.scripts.runners, &[])?;
+        let now: u64 = flat.first().and_then(|n| n.parse().ok()).unwrap_or(0);
+        let mut out = Vec::new();
+        for pair in flat[1..].chunks(2) {
+            let [id, entry] = pair else { continue };
+            let Some((hb, json)) = entry.split_once(' ') else {
+                continue;
+            };
+            let (Ok(heartbeat), Ok(status)) = (hb.parse::<u64>(), serde_json::from_str::<RunnerStatus>(json)) else {
+                continue;
+            };
+            out.push(RunnerInfo {
+                id: id.clone(),
+                status,
+                heartbeat,
+                alive: now.saturating_sub(heartbeat) < ALIVE_WINDOW_MS,
+            });
+        }
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(out)
+    }
+
+    fn collect_garbage(&self) -> Result<u64> {
+        // Logs and histories of finished jobs expire by themselves (PEXPIRE at ack).
+        let n: i64 = self
+            .inner
+            .run(&self.inner.scripts.forget_runners, &[&FORGET_RUNNERS_MS])?;
+        Ok(n as u64)
+    }
+
+    fn doctor(&self) -> Result<Vec<String>> {
+        let get = |name: &str| -> Result<std::result::Result<String, String>> {
+            let reply: ::redis::RedisResult<Vec<String>> = self
+                .inner
+                .conn
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_mut()
+                .map_or_else(
+                    || {
+                        connect(&self.inner.client)
+                            .and_then(|mut c| ::redis::cmd("CONFIG").arg("GET").arg(name).query(&mut c))
+                    },
+                    |c| ::redis::cmd("CONFIG").arg("GET").arg(name).query(c),
+                );
+            Ok(match reply {
+                Ok(v) => v
+                    .get(1)
+                    .cloned()
+                    .ok_or_else(|| format!("CONFIG GET {name} returned nothing")),
+                Err(e) => Err(e.to_string()),
+            })
+        };
+        let shown = &self.inner.shown;
+        let mut problems = Vec::new();
+        match (get("appendonly")?, get("appendfsync")?) {
+            (Ok(aof), _) if aof != "yes" => problems.push(format!(
+                "{shown}: the server has appendonly={aof}: every job is lost when Redis restarts; set `appendonly yes` and `appendfsync always` in redis.conf"
+            )),
+            (Ok(_), Ok(fsync)) if fsync != "always" => problems.push(format!(
+                "{shown}: the server has appendfsync={fsync}: acknowledged pushes and transitions of about the last second can be lost if the server or machine crashes; set `appendfsync always` to keep every acknowledged push"
+            )),
+            (Err(e), _) | (_, Err(e)) => problems.push(format!(
+                "{shown}: cannot read the server's persistence settings ({e}); make sure it runs with `appendonly yes` and `appendfsync always`"
+            )),
+            _ => {}
+        }
+        if let Ok(policy) = get("maxmemory-policy")?
+            && policy != "noeviction"
+        {
+            problems.push(format!(
+                "{shown}: the server has maxmemory-policy={policy}: under memory pressure Redis may evict jobs; set `maxmemory-policy noeviction`"
+            ));
+        }
+        Ok(problems)
+    }
+}
+
+fn state_name(s: &str) -> &'static str {
+    match s {
+        "ready" => "ready",
+        "scheduled" => "scheduled",
+        "running" => "running",
+        "quarantined" => "quarantined",
+        _ => "dead",
+    }
+}
+
+/// Receives wake-ups until stopped; reconnects with backoff when the server goes away, and wakes
+/// the caller after every reconnect, since pushes made meanwhile were not announced.
+fn listen(
+    mut conn: ::redis::Connection,
+    client: ::redis::Client,
+    channel: &str,
+    shown: &str,
+    stop: &AtomicBool,
+    wake: &Wake,
+) {
+    let mut pause = Duration::from_millis(100);
+    loop {
+        let failed = {
+            let mut ps = conn.as_pubsub();
+            loop {
+                match ps.get_message() {
+                    Ok(_) if stop.load(Ordering::Relaxed) => return,
+                    Ok(_) => {
+                        pause = Duration::from_millis(100);
+                        wake(Wakeup {
+                            work: true,
+                            runner_exited: false,
+                        });
+                    }
+                    Err(e) => break e,
+                }
+            }
+        };
+        if stop.load(Ordering::Relaxed) {
+            return;
+        }
+        tracing::warn!("lost the Redis wake-up subscription at {shown} ({failed}); reconnecting");
+        loop {
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_secs(5));
+            if stop.load(Ordering::Relaxed) {
+                return;
+            }
+            let again = connect(&client).and_then(|mut c| {
+                c.set_read_timeout(None)?;
+                c.as_pubsub().subscribe(channel)?;
+                Ok(c)
+            });
+            match again {
+                Ok(c) => {
+                    conn = c;
+                    tracing::info!("reconnected to {shown}");
+                    wake(Wakeup {
+                        work: true,
+                        runner_exited: true,
+                    });
+                    break;
+                }
+                Err(e) => tracing::warn!("cannot reach {shown} ({e}); retrying in {:?}", pause),
+            }
+        }
+    }
+}
+
+struct RedisWatch {
+    stop: Arc<AtomicBool>,
+    client: ::redis::Client,
+    channel: String,
+}
+
+impl WatchGuard for RedisWatch {}
+
+impl Drop for RedisWatch {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        // Wake the listener so it sees the flag; if the server is unreachable the thread stays
+        // blocked until the process exits, which holds nothing.
+        if let Ok(mut c) = connect(&self.client) {
+            let _: ::redis::RedisResult<i64> = ::redis::cmd("PUBLISH").arg(&self.channel).arg("stop").query(&mut c);
+        }
+    }
+}
+
+/// A job's log in Redis, capped at [`LOG_CAP`] bytes (the oldest half dropped past it).
+struct RedisLog {
+    inner: Arc<Inner>,
+    id: JobId,
+    retention_ms: u64,
+}
+
+impl JobLog for RedisLog {
+    fn append(&mut self, bytes: &[u8]) -> Result<()> {
+        let _: i64 = self.inner.run(
+            &self.inner.scripts.log_append,
+            &[&self.id.as_str(), &bytes, &LOG_CAP, &self.retention_ms],
+        )?;
+        Ok(())
+    }
+
+    fn size(&self) -> Result<u64> {
+        let (log, off) = (
+            self.inner.key(&format!("log:{}", self.id)),
+            self.inner.key(&format!("logoff:{}", self.id)),
+        );
+        let (len, trimmed): (u64, Option<u64>) = self
+            .inner
+            .with(|c| ::redis::pipe().cmd("STRLEN").arg(&log).cmd("GET").arg(&off).query(c))?;
+        Ok(len + trimmed.unwrap_or(0))
+    }
+
+    fn child_output(&self) -> Result<Option<std::fs::File>> {
+        Ok(None)
+    }
+}

@@ -1,0 +1,312 @@
+//! The Lua scripts behind every state transition of the Redis store.
+//!
+//! Each transition is one script, so it is atomic on the server: a claim, heartbeat, ack, retry,
+//! bury or release either checks the caller's lease token and applies, or changes nothing. Times
+//! come from the server's `TIME`, never from a worker's clock. Every key of a queue starts with
+//! the prefix `{jobspool:NAME}` (passed as `ARGV[1]`; `KEYS[1]` is one of those keys so that a
+//! cluster client routes the call to the slot that holds them all).
+//!
+//! Keys under the prefix `P`:
+//! - `P:config` — the queue's `jobspool.toml` text;
+//! - `P:seq` — the lease counter (INCR), so no two claims ever share a token;
+//! - `P:ready` — ZSET of ready ids, score = priority key * 2^42 + ready time (ms), so the lowest
+//!   score is the highest priority, oldest first; `P:ready_t` the same ids by ready time alone;
+//! - `P:sched` — ZSET of scheduled ids by due time; `P:running` by lease expiry; `P:dead` by time
+//!   of death; `P:quarantine` by time set aside;
+//! - `P:job:ID` — HASH: body (the version-1 job body with its checksum), pkey, attempts,
+//!   max_attempts (0 = the queue's), state, since, token, runner, reason;
+//! - `P:events:ID` — LIST of JSON history events; `P:log:ID` — the log (its head trimmed past the
+//!   cap, `P:logoff:ID` counting the bytes trimmed, so offsets stay stable);
+//! - `P:runners` — HASH runner id → "HEARTBEAT_MS STATUS_JSON";
+//! - `P:wake` — the pub/sub channel a push, retry, release or revive publishes on.
+
+/// Helpers shared by every script. Numbers are formatted with `%.0f`: Lua's default formatting
+/// keeps 14 digits, which would round the 16-digit ready scores.
+const PRELUDE: &str = r#"
+local P = ARGV[1]
+local function N(x) return string.format('%.0f', x) end
+local function now()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local function jk(id) return P .. ':job:' .. id end
+local function event(id, t, kind, attempt, runner, detail)
+  local e = '{"at":' .. N(t) .. ',"kind":"' .. kind .. '","attempt":' .. N(attempt)
+  if runner and runner ~= '' then e = e .. ',"runner":' .. cjson.encode(runner) end
+  if detail then e = e .. ',"detail":' .. cjson.encode(detail) end
+  local k = P .. ':events:' .. id
+  redis.call('RPUSH', k, e .. '}')
+  redis.call('LTRIM', k, -1000, -1)
+end
+local function to_ready(id, at)
+  local pk = tonumber(redis.call('HGET', jk(id), 'pkey'))
+  redis.call('ZADD', P .. ':ready', N(pk * 4398046511104 + at), id)
+  redis.call('ZADD', P .. ':ready_t', N(at), id)
+  redis.call('HSET', jk(id), 'state', 'ready', 'since', N(at), 'token', '', 'runner', '')
+end
+local function to_sched(id, at)
+  redis.call('ZADD', P .. ':sched', N(at), id)
+  redis.call('HSET', jk(id), 'state', 'scheduled', 'since', N(at), 'token', '', 'runner', '')
+end
+local function to_dead(id, t, attempt, runner, reason)
+  redis.call('ZADD', P .. ':dead', N(t), id)
+  redis.call('HSET', jk(id), 'state', 'dead', 'since', N(t), 'token', '', 'runner', '')
+  event(id, t, 'dead', attempt, runner, reason)
+end
+local function leave(id, state)
+  if state == 'ready' then
+    redis.call('ZREM', P .. ':ready', id)
+    redis.call('ZREM', P .. ':ready_t', id)
+  elseif state == 'scheduled' then redis.call('ZREM', P .. ':sched', id)
+  elseif state == 'running' then redis.call('ZREM', P .. ':running', id)
+  elseif state == 'dead' then redis.call('ZREM', P .. ':dead', id)
+  elseif state == 'quarantined' then redis.call('ZREM', P .. ':quarantine', id)
+  end
+end
+local function wake() redis.call('PUBLISH', P .. ':wake', 'w') end
+local function promote(t)
+  local due = redis.call('ZRANGEBYSCORE', P .. ':sched', '-inf', N(t), 'WITHSCORES', 'LIMIT', 0, 1000)
+  for i = 1, #due, 2 do
+    redis.call('ZREM', P .. ':sched', due[i])
+    to_ready(due[i], tonumber(due[i + 1]))
+  end
+end
+-- Takes back claims whose lease ran out: one attempt counted, dead when none is left.
+local function reclaim(t, maxdef, limit)
+  local out = {}
+  local expired = redis.call('ZRANGEBYSCORE', P .. ':running', '-inf', '(' .. N(t), 'LIMIT', 0, limit)
+  for _, id in ipairs(expired) do
+    local h = redis.call('HMGET', jk(id), 'token', 'attempts', 'max_attempts', 'runner')
+    local attempts = tonumber(h[2]) + 1
+    local max = tonumber(h[3])
+    if max == 0 then max = maxdef end
+    if max < 1 then max = 1 end
+    redis.call('ZREM', P .. ':running', id)
+    redis.call('HSET', jk(id), 'attempts', attempts)
+    event(id, t, 'reclaimed', attempts, h[4], 'attempt ' .. attempts .. ': its lease expired')
+    local buried = 0
+    if attempts >= max then
+      to_dead(id, t, attempts, nil, 'its lease expired on attempt ' .. attempts .. ' of ' .. max .. '; no attempts left')
+      buried = 1
+    else
+      to_ready(id, t)
+    end
+    table.insert(out, id); table.insert(out, h[1]); table.insert(out, attempts); table.insert(out, buried)
+  end
+  if #expired > 0 then wake() end
+  return out
+end
+local function held(id, token)
+  local h = redis.call('HMGET', jk(id), 'state', 'token')
+  return h[1] == 'running' and h[2] == token
+end
+"#;
+
+/// ARGV: P, count, then per job: id, body, pkey, delay_ms, max_attempts. All or nothing: when any
+/// id exists (or is repeated), returns `{'exists', id}` and writes nothing.
+pub const PUSH: &str = r#"
+local t = now()
+local n = tonumber(ARGV[2])
+local seen = {}
+for i = 0, n - 1 do
+  local id = ARGV[3 + i * 5]
+  if seen[id] or redis.call('EXISTS', jk(id), P .. ':log:' .. id) > 0 then return {'exists', id} end
+  seen[id] = true
+end
+for i = 0, n - 1 do
+  local b = 3 + i * 5
+  local id, delay = ARGV[b], tonumber(ARGV[b + 3])
+  redis.call('HSET', jk(id), 'body', ARGV[b + 1], 'pkey', ARGV[b + 2], 'attempts', 0,
+    'max_attempts', ARGV[b + 4], 'created', N(t))
+  if delay > 0 then to_sched(id, t + delay) else to_ready(id, t) end
+end
+wake()
+return {'ok'}
+"#;
+
+/// ARGV: P, lease_ms, runner, max_attempts (for reclaim). Promotes due scheduled jobs, reclaims
+/// expired leases, then claims the best ready job: `{1, reclaimed, id, token, attempt, body}` or
+/// `{0, reclaimed}`.
+pub const CLAIM: &str = r#"
+local t = now()
+promote(t)
+local reclaimed = reclaim(t, tonumber(ARGV[4]), 100)
+local id = redis.call('ZRANGE', P .. ':ready', 0, 0)[1]
+if not id then return {0, reclaimed} end
+leave(id, 'ready')
+local token = redis.call('INCR', P .. ':seq') .. '@' .. P
+local attempts = tonumber(redis.call('HGET', jk(id), 'attempts'))
+redis.call('HSET', jk(id), 'state', 'running', 'since', N(t), 'token', token, 'runner', ARGV[3], 'lease_ms', ARGV[2])
+redis.call('ZADD', P .. ':running', N(t + tonumber(ARGV[2])), id)
+return {1, reclaimed, id, token, attempts + 1, redis.call('HGET', jk(id), 'body')}
+"#;
+
+/// ARGV: P, max_attempts. `{id, old_token, attempts, buried}...`
+pub const RECLAIM: &str = r#"
+return reclaim(now(), tonumber(ARGV[2]), 1000)
+"#;
+
+/// ARGV: P, id, token. Extends the lease by its length at claim: 1, or 0 when the lease is lost.
+pub const HEARTBEAT: &str = r#"
+if not held(ARGV[2], ARGV[3]) then return 0 end
+local ms = tonumber(redis.call('HGET', jk(ARGV[2]), 'lease_ms'))
+redis.call('ZADD', P .. ':running', 'XX', N(now() + ms), ARGV[2])
+return 1
+"#;
+
+/// ARGV: P, id, token, retention_ms. The job is done: removed; its log and history expire later.
+pub const ACK: &str = r#"
+local id = ARGV[2]
+if not held(id, ARGV[3]) then return 0 end
+redis.call('ZREM', P .. ':running', id)
+redis.call('DEL', jk(id))
+for _, k in ipairs({':log:', ':logoff:', ':events:'}) do redis.call('PEXPIRE', P .. k .. id, ARGV[4]) end
+return 1
+"#;
+
+/// ARGV: P, id, token, delay_ms. Counts the attempt and schedules the next one.
+pub const RETRY: &str = r#"
+local id = ARGV[2]
+if not held(id, ARGV[3]) then return 0 end
+redis.call('ZREM', P .. ':running', id)
+redis.call('HINCRBY', jk(id), 'attempts', 1)
+local delay = tonumber(ARGV[4])
+local t = now()
+if delay > 0 then to_sched(id, t + delay) else to_ready(id, t) end
+wake()
+return 1
+"#;
+
+/// ARGV: P, id, token, reason. Counts the attempt; the job is dead with the reason.
+pub const BURY: &str = r#"
+local id = ARGV[2]
+if not held(id, ARGV[3]) then return 0 end
+local runner = redis.call('HGET', jk(id), 'runner')
+redis.call('ZREM', P .. ':running', id)
+local attempts = redis.call('HINCRBY', jk(id), 'attempts', 1)
+to_dead(id, now(), attempts, runner, ARGV[4])
+return 1
+"#;
+
+/// ARGV: P, id, token. Back to ready without counting an attempt.
+pub const RELEASE: &str = r#"
+local id = ARGV[2]
+if not held(id, ARGV[3]) then return 0 end
+redis.call('ZREM', P .. ':running', id)
+to_ready(id, now())
+wake()
+return 1
+"#;
+
+/// ARGV: P, id, token, reason. Sets a claimed job whose body is not valid aside.
+pub const QUARANTINE: &str = r#"
+local id = ARGV[2]
+if not held(id, ARGV[3]) then return 0 end
+local t = now()
+redis.call('ZREM', P .. ':running', id)
+redis.call('ZADD', P .. ':quarantine', N(t), id)
+redis.call('HSET', jk(id), 'state', 'quarantined', 'since', N(t), 'token', '', 'reason', ARGV[4])
+return 1
+"#;
+
+/// ARGV: P, id. A dead job back to ready with its attempts reset. Returns its state before.
+pub const REVIVE: &str = r#"
+local id = ARGV[2]
+local state = redis.call('HGET', jk(id), 'state')
+if state ~= 'dead' then return state or '' end
+leave(id, 'dead')
+local t = now()
+redis.call('HSET', jk(id), 'attempts', 0)
+redis.call('HDEL', jk(id), 'reason')
+to_ready(id, t)
+event(id, t, 'revived', 0, nil, nil)
+wake()
+return 'dead'
+"#;
+
+/// ARGV: P, id. Removes a job in any state, with its log and history. Returns its state before.
+pub const REMOVE: &str = r#"
+local id = ARGV[2]
+local state = redis.call('HGET', jk(id), 'state')
+if not state then return '' end
+leave(id, state)
+redis.call('DEL', jk(id), P .. ':log:' .. id, P .. ':logoff:' .. id, P .. ':events:' .. id)
+return state
+"#;
+
+/// ARGV: P. `{ready, scheduled, running, dead, quarantined, oldest ready time or -1}`, one
+/// consistent observation.
+pub const STATS: &str = r#"
+local oldest = redis.call('ZRANGE', P .. ':ready_t', 0, 0, 'WITHSCORES')
+return {redis.call('ZCARD', P .. ':ready'), redis.call('ZCARD', P .. ':sched'),
+  redis.call('ZCARD', P .. ':running'), redis.call('ZCARD', P .. ':dead'),
+  redis.call('ZCARD', P .. ':quarantine'), oldest[2] and N(tonumber(oldest[2])) or '-1'}
+"#;
+
+/// ARGV: P. Milliseconds until the earliest scheduled job is due (0 when overdue), or -1.
+pub const NEXT_DUE: &str = r#"
+local first = redis.call('ZRANGE', P .. ':sched', 0, 0, 'WITHSCORES')
+if not first[2] then return -1 end
+local wait = tonumber(first[2]) - now()
+if wait < 0 then wait = 0 end
+return wait
+"#;
+
+/// ARGV: P, id, bytes, cap, retention_ms. Appends to a log, trimming its head past the cap.
+/// Returns the log's size (bytes ever written).
+pub const LOG_APPEND: &str = r#"
+local k, off = P .. ':log:' .. ARGV[2], P .. ':logoff:' .. ARGV[2]
+local len = redis.call('APPEND', k, ARGV[3])
+local cap = tonumber(ARGV[4])
+if len > cap then
+  local drop = len - math.floor(cap / 2)
+  redis.call('SET', k, redis.call('GETRANGE', k, drop, -1), 'KEEPTTL')
+  redis.call('INCRBY', off, drop)
+  len = len - drop
+end
+if redis.call('EXISTS', jk(ARGV[2])) == 0 then
+  redis.call('PEXPIRE', k, ARGV[5]); redis.call('PEXPIRE', off, ARGV[5])
+end
+return len + tonumber(redis.call('GET', off) or '0')
+"#;
+
+/// ARGV: P, id, event JSON, retention_ms. Appends to a job's history.
+pub const RECORD: &str = r#"
+local k = P .. ':events:' .. ARGV[2]
+redis.call('RPUSH', k, ARGV[3])
+redis.call('LTRIM', k, -1000, -1)
+if redis.call('EXISTS', jk(ARGV[2])) == 0 then redis.call('PEXPIRE', k, ARGV[4]) end
+return 1
+"#;
+
+/// ARGV: P, runner id, status JSON. Stamps the registration with the server's time.
+pub const ANNOUNCE: &str = r#"
+redis.call('HSET', P .. ':runners', ARGV[2], N(now()) .. ' ' .. ARGV[3])
+return 1
+"#;
+
+/// ARGV: P. `{now, id, entry, id, entry...}`.
+pub const RUNNERS: &str = r#"
+local out = {N(now())}
+for _, v in ipairs(redis.call('HGETALL', P .. ':runners')) do table.insert(out, v) end
+return out
+"#;
+
+/// ARGV: P, max_silence_ms. Removes registrations silent for longer than that; returns how many.
+pub const FORGET_RUNNERS: &str = r#"
+local t, n = now(), 0
+local all = redis.call('HGETALL', P .. ':runners')
+for i = 1, #all, 2 do
+  local hb = tonumber(string.match(all[i + 1], '^(%d+)'))
+  if hb and t - hb > tonumber(ARGV[2]) then redis.call('HDEL', P .. ':runners', all[i]); n = n + 1 end
+end
+return n
+"#;
+
+/// The full text of a script: the shared helpers, then its body.
+pub fn source(body: &str) -> String {
+    let mut s = String::with_capacity(PRELUDE.len() + body.len());
+    s.push_str(PRELUDE);
+    s.push_str(body);
+    s
+}
