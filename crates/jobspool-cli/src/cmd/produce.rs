@@ -2,19 +2,31 @@
 
 use std::io::{IsTerminal, Read, Write};
 
-use jobspool::store::dir::{InitOptions, init as init_dir};
-use jobspool::{Error, JobId, NewJob, Result};
+use jobspool::store::dir::{DirStore, InitOptions, init as init_dir};
+use jobspool::store::redis::{self, RedisStore};
+use jobspool::{Error, JobId, NewJob, QueueConfig, Result, Store};
 
 use crate::cli::PushArgs;
 
 pub fn init(queue: &str, group: Option<String>, mode: Option<u32>) -> Result<u8> {
-    let cfg = init_dir(std::path::Path::new(queue), &InitOptions { group, mode })?;
-    let store = jobspool::store::open(queue, false)?;
-    println!(
-        "{queue}: ready (file mode {:04o}{})",
-        cfg.mode,
-        cfg.group.as_deref().map(|g| format!(", group {g}")).unwrap_or_default()
-    );
+    let store: Box<dyn Store> = if redis::is_url(queue) {
+        if group.is_some() || mode.is_some() {
+            return Err(Error::Invalid(format!(
+                "{queue}: --group and --mode set file permissions of a queue directory; a Redis queue has no files (use Redis ACLs to share it)"
+            )));
+        }
+        let store = RedisStore::init(queue, QueueConfig::default(), false)?;
+        println!("{queue}: ready");
+        Box::new(store)
+    } else {
+        let cfg = init_dir(std::path::Path::new(queue), &InitOptions { group, mode })?;
+        println!(
+            "{queue}: ready (file mode {:04o}{})",
+            cfg.mode,
+            cfg.group.as_deref().map(|g| format!(", group {g}")).unwrap_or_default()
+        );
+        Box::new(DirStore::open(queue, false)?)
+    };
     let problems = store.doctor()?;
     for p in &problems {
         eprintln!("jobspool: warning: {p}");
