@@ -128,3 +128,4 @@ pub fn names(root: &std::path::Path, folder: &str) -> Vec<String> {
     v.sort();
     v
 }
+pub mod redis_server;

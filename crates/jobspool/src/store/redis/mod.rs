@@ -736,19 +736,30 @@ impl Store for RedisStore {
     fn watch(&self, wake: Wake) -> Result<Box<dyn WatchGuard>> {
         let stop = Arc::new(AtomicBool::new(false));
         let channel = self.inner.key("wake");
-        let mut conn = connect(&self.inner.client).map_err(|e| self.inner.backend(e))?;
-        conn.set_read_timeout(None).map_err(|e| self.inner.backend(e))?;
-        let subscribed = {
-            let mut ps = conn.as_pubsub();
-            ps.subscribe(&channel)
-        };
-        subscribed.map_err(|e| self.inner.backend(e))?;
-        let (client, shown, s) = (self.inner.client.clone(), self.inner.shown.clone(), Arc::clone(&stop));
-        let ch = channel.clone();
+        // The listener subscribes on its own thread (a subscription lives as long as the
+        // `PubSub` that made it), and reports back before this returns: a push made after
+        // `watch` returns is always announced to it.
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let (client, shown, s, ch) = (
+            self.inner.client.clone(),
+            self.inner.shown.clone(),
+            Arc::clone(&stop),
+            channel.clone(),
+        );
         std::thread::Builder::new()
             .name("jobspool-redis-watch".into())
-            .spawn(move || listen(conn, client, &ch, &shown, &s, &wake))
+            .spawn(move || listen(&client, &ch, &shown, &s, &wake, tx))
             .map_err(|e| Error::io("<thread>", "starting the Redis watcher", e))?;
+        match rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(self.inner.backend(e)),
+            Err(_) => {
+                return Err(Error::Backend {
+                    target: self.inner.shown.clone(),
+                    msg: "the Redis watcher stopped before subscribing".into(),
+                });
+            }
+        }
         Ok(Box::new(RedisWatch {
             stop,
             client: self.inner.client.clone(),
@@ -867,61 +878,72 @@ fn state_name(s: &str) -> &'static str {
     }
 }
 
-/// Receives wake-ups until stopped; reconnects with backoff when the server goes away, and wakes
-/// the caller after every reconnect, since pushes made meanwhile were not announced.
+/// Subscribes to the queue's wake-up channel (reporting the outcome of the first attempt on
+/// `ready`), then delivers wake-ups until stopped. When the server goes away it resubscribes with
+/// backoff and wakes the caller after every reconnect, since pushes made meanwhile were not
+/// announced.
 fn listen(
-    mut conn: ::redis::Connection,
-    client: ::redis::Client,
+    client: &::redis::Client,
     channel: &str,
     shown: &str,
     stop: &AtomicBool,
     wake: &Wake,
+    ready: std::sync::mpsc::SyncSender<::redis::RedisResult<()>>,
 ) {
+    let subscribe = || -> ::redis::RedisResult<::redis::Connection> {
+        let c = connect(client)?;
+        c.set_read_timeout(None)?;
+        Ok(c)
+    };
+    let mut ready = Some(ready);
     let mut pause = Duration::from_millis(100);
     loop {
-        let failed = {
-            let mut ps = conn.as_pubsub();
-            loop {
-                match ps.get_message() {
-                    Ok(_) if stop.load(Ordering::Relaxed) => return,
-                    Ok(_) => {
+        let failed = match subscribe() {
+            Err(e) => e,
+            Ok(mut conn) => {
+                let mut ps = conn.as_pubsub();
+                match ps.subscribe(channel) {
+                    Err(e) => e,
+                    Ok(()) => {
+                        match ready.take() {
+                            Some(tx) => {
+                                let _ = tx.send(Ok(()));
+                            }
+                            None => {
+                                tracing::info!("reconnected to {shown}");
+                                wake(Wakeup {
+                                    work: true,
+                                    runner_exited: true,
+                                });
+                            }
+                        }
                         pause = Duration::from_millis(100);
-                        wake(Wakeup {
-                            work: true,
-                            runner_exited: false,
-                        });
+                        loop {
+                            match ps.get_message() {
+                                Ok(_) if stop.load(Ordering::Relaxed) => return,
+                                Ok(_) => wake(Wakeup {
+                                    work: true,
+                                    runner_exited: false,
+                                }),
+                                Err(e) => break e,
+                            }
+                        }
                     }
-                    Err(e) => break e,
                 }
             }
         };
+        if let Some(tx) = ready.take() {
+            let _ = tx.send(Err(failed));
+            return;
+        }
         if stop.load(Ordering::Relaxed) {
             return;
         }
-        tracing::warn!("lost the Redis wake-up subscription at {shown} ({failed}); reconnecting");
-        loop {
-            std::thread::sleep(pause);
-            pause = (pause * 2).min(Duration::from_secs(5));
-            if stop.load(Ordering::Relaxed) {
-                return;
-            }
-            let again = connect(&client).and_then(|mut c| {
-                c.set_read_timeout(None)?;
-                c.as_pubsub().subscribe(channel)?;
-                Ok(c)
-            });
-            match again {
-                Ok(c) => {
-                    conn = c;
-                    tracing::info!("reconnected to {shown}");
-                    wake(Wakeup {
-                        work: true,
-                        runner_exited: true,
-                    });
-                    break;
-                }
-                Err(e) => tracing::warn!("cannot reach {shown} ({e}); retrying in {:?}", pause),
-            }
+        tracing::warn!("lost the Redis wake-up subscription at {shown} ({failed}); reconnecting in {pause:?}");
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_secs(5));
+        if stop.load(Ordering::Relaxed) {
+            return;
         }
     }
 }
