@@ -151,6 +151,11 @@ fn check_status(a: &CheckArgs) -> Result<(Level, String)> {
             ),
         ));
     }
+    // Set-ups that cannot keep the contract: a Redis server that does not fsync its AOF, a
+    // queue directory whose permissions break sharing.
+    for p in store.doctor()? {
+        problems.push((Level::Warning, p));
+    }
     if s.quarantined > 0 {
         problems.push((Level::Warning, format!("{} quarantined file(s)", s.quarantined)));
     }

@@ -13,7 +13,7 @@
 
 use std::ffi::OsString;
 use std::io;
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Child, ExitStatus, Stdio};
 
@@ -39,6 +39,19 @@ pub struct Spawn<'a> {
     pub stdout: Stdio,
     /// Standard error.
     pub stderr: Stdio,
+    /// The guardian's pipe ([`super::reaper::Reaper::fd`]): the handler registers its own group
+    /// there before it runs any code of its own, so a runner killed at any instant after the
+    /// fork leaves no grandchild behind.
+    pub guardian: Option<RawFd>,
+}
+
+/// Sends one guardian message (`+` or `-` and a group id). Five bytes are below `PIPE_BUF`, so
+/// the write is whole or nothing; async-signal-safe.
+fn tell_guardian(fd: RawFd, op: u8, pgid: i32) {
+    let b = pgid.to_le_bytes();
+    let msg = [op, b[0], b[1], b[2], b[3]];
+    // SAFETY: a write of a stack buffer to a descriptor.
+    unsafe { nix::libc::write(fd, msg.as_ptr().cast(), msg.len()) };
 }
 
 fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
@@ -63,6 +76,11 @@ impl Handler {
             .stderr(spec.stderr)
             .process_group(0);
         let parent = std::process::id() as nix::libc::pid_t;
+        let guardian = spec.guardian;
+        // The child reports its pid here too, so that the parent can unregister a group whose
+        // exec failed (std reaps that child itself and does not say which pid it had).
+        let (pid_read, pid_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+        let pid_write_fd = pid_write.as_raw_fd();
         // SAFETY: the closure runs between fork and exec and only makes async-signal-safe
         // system calls (prctl, getppid, sigaction, sigprocmask, raise).
         unsafe {
@@ -75,6 +93,12 @@ impl Handler {
                 if libc::getppid() != parent {
                     libc::raise(libc::SIGKILL);
                 }
+                if let Some(fd) = guardian {
+                    let pid = libc::getpid();
+                    tell_guardian(fd, b'+', pid);
+                    let b = pid.to_le_bytes();
+                    libc::write(pid_write_fd, b.as_ptr().cast(), b.len());
+                }
                 for sig in 1..libc::SIGRTMIN() {
                     if sig != libc::SIGKILL && sig != libc::SIGSTOP {
                         libc::signal(sig, libc::SIG_DFL);
@@ -86,7 +110,21 @@ impl Handler {
                 Ok(())
             });
         }
-        let mut child = cmd.spawn()?;
+        let spawned = cmd.spawn();
+        drop(pid_write);
+        let mut child = match spawned {
+            Ok(c) => c,
+            Err(e) => {
+                let mut b = [0u8; 4];
+                if let Some(fd) = guardian
+                    && nix::unistd::read(&pid_read, &mut b) == Ok(4)
+                {
+                    tell_guardian(fd, b'-', i32::from_le_bytes(b));
+                }
+                return Err(e);
+            }
+        };
+        drop(pid_read);
         let registered = pidfd_open(child.id()).and_then(|fd| {
             // SAFETY: the AsyncFd owns the OwnedFd, which stays open, and always returns the
             // same descriptor, for the AsyncFd's whole life.

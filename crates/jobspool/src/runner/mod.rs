@@ -566,6 +566,29 @@ async fn reclaim(sh: &Arc<Shared>, report: &mut RunReport) {
     }
 }
 
+/// How long, at least, the runner keeps trying to record a job's outcome while the store is
+/// unreachable (a Redis restart, a full disk being cleared).
+const OUTCOME_PATIENCE: Duration = Duration::from_secs(60);
+
+/// Records an outcome, trying again with backoff while the store fails for reasons other than
+/// a lost lease, for up to `patience`. Repeating is safe: a transition whose first try was
+/// applied but whose answer was lost finds the lease gone and is refused as `LeaseLost`; a
+/// transition tried after the lease expired and the job was reclaimed is refused the same way.
+fn persist(id: &JobId, patience: Duration, mut transition: impl FnMut() -> Result<()>) -> Result<()> {
+    let started = Instant::now();
+    let mut pause = Duration::from_millis(100);
+    loop {
+        match transition() {
+            Err(e @ (Error::Backend { .. } | Error::Io { .. })) if started.elapsed() + pause < patience => {
+                tracing::warn!(job = %id, "recording the outcome failed: {e}; trying again in {}", format_duration(pause));
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_secs(5));
+            }
+            other => return other,
+        }
+    }
+}
+
 /// The last `lines` lines of `bytes`, at most `max` bytes, as text.
 fn tail(bytes: &[u8], lines: usize, max: usize) -> String {
     let bytes = &bytes[bytes.len().saturating_sub(max)..];
@@ -653,6 +676,7 @@ async fn run_job(sh: Arc<Shared>, claim: Claim, stop: watch::Receiver<Stop>) -> 
     let s = Arc::clone(&sh.store);
     let backoff = sh.settings.backoff;
     let runner = sh.runner_id.clone();
+    let outcome_patience = sh.settings.lease.max(OUTCOME_PATIENCE);
     let (ended, decision, error) = blocking(move || {
         let _ = log.append(trailer.as_bytes());
         drop(log);
@@ -671,13 +695,13 @@ async fn run_job(sh: Arc<Shared>, claim: Claim, stop: watch::Receiver<Stop>) -> 
                 .unwrap_or_default(),
         };
         let decision = decide(&ended, attempt, max_attempts, &backoff, &output);
-        let result = match &decision {
+        let result = persist(&lease.id, outcome_patience, || match &decision {
             Decision::Ack => s.ack(&lease),
             Decision::Retry { delay, .. } => s.retry(&lease, *delay),
             Decision::Bury { reason } => s.bury(&lease, reason),
             Decision::Release => s.release(&lease),
             Decision::Abandon => Ok(()),
-        };
+        });
         let (decision, error) = match result {
             Ok(()) => (decision, None),
             Err(Error::LeaseLost { .. }) => (Decision::Abandon, None),
@@ -757,18 +781,17 @@ async fn supervise_command(
     } else {
         Stdio::piped()
     };
+    let guardian = sh.reaper.lock().unwrap_or_else(|e| e.into_inner()).fd();
     let spawned = child::Handler::spawn(Spawn {
         argv: &argv,
         env: &env,
         stdin,
         stdout,
         stderr,
+        guardian,
     });
     let mut handler = match spawned {
-        Ok(h) => {
-            sh.reaper.lock().unwrap_or_else(|e| e.into_inner()).watch(h.pid());
-            h
-        }
+        Ok(h) => h,
         Err(e) => {
             let program = argv[0].to_string_lossy().into_owned();
             return (Ended::SpawnFailed(format!("{program}: {e}")), log);

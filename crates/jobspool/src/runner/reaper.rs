@@ -54,9 +54,9 @@ impl Reaper {
         }
     }
 
-    /// Registers a handler's process group.
-    pub fn watch(&mut self, pgid: u32) {
-        self.send(b'+', pgid);
+    /// The pipe a handler registers its own process group on, between fork and exec.
+    pub fn fd(&self) -> Option<std::os::fd::RawFd> {
+        self.pipe.as_ref().map(|p| p.as_raw_fd())
     }
 
     /// Unregisters a handler's process group (just before it is reaped).
