@@ -307,3 +307,33 @@ fn a_frozen_redis_runner_past_its_lease_cannot_acknowledge_the_job_another_finis
         "done and removed"
     );
 }
+
+#[test]
+fn a_corrupt_job_in_redis_is_quarantined_with_its_reason_and_never_run() {
+    let Some(server) = RedisServer::start() else { return };
+    let q = server.url("corrupt");
+    let qs = q.as_str();
+    let d = tempfile::tempdir().unwrap();
+    let ran = d.path().join("ran");
+    push_to(qs, &["--id", "mangled", "--payload", "x"]);
+    push_to(qs, &["--id", "fine", "--payload", "y"]);
+    // Someone (or a bad restore) overwrites a job's body.
+    let reply = server.command(&["HSET", "{jobspool:corrupt}:job:mangled", "body", "JOBSPOOL 1\ngarbage"]);
+    assert!(reply.is_some_and(|r| r.starts_with(':')), "HSET failed");
+    let script = format!("echo $JOBSPOOL_JOB_ID >> {}", ran.display());
+    let o = run(&["run", qs, "--drain", "--", "sh", "-c", &script]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(stderr(&o).contains("quarantined"), "{}", stderr(&o));
+    assert_eq!(
+        std::fs::read_to_string(&ran).unwrap(),
+        "fine\n",
+        "the corrupt job never ran"
+    );
+    assert_eq!(stats_of(qs)["quarantined"], 1);
+    let ls = stdout(&run(&["ls", qs, "--state", "quarantine"]));
+    assert!(ls.contains("mangled") && ls.contains("truncated"), "{ls}");
+    let o = run(&["check", qs]);
+    assert_eq!(o.status.code(), Some(1), "{}", stdout(&o));
+    assert_eq!(stdout(&run(&["rm", qs, "mangled"])).trim(), "mangled");
+    assert_eq!(stats_of(qs)["quarantined"], 0);
+}
