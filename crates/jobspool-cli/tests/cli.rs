@@ -175,3 +175,40 @@ fn bad_input_gets_one_clear_line_and_a_non_zero_exit() {
     assert_eq!(stats(&q)["ready"], 0, "nothing was half-written");
     assert!(std::fs::read_dir(q.join("tmp")).unwrap().next().is_none());
 }
+
+#[test]
+fn a_done_jobs_id_stays_reserved_until_rm_frees_it() {
+    let (_d, q) = queue();
+    let qs = q.to_str().unwrap();
+    push(&q, &["--id", "ok", "--payload", "x"]);
+    let o = run(&["run", qs, "--drain", "--", "true"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    // Pushing a finished idempotency key again is refused, saying why and what frees it.
+    let o = run(&["push", qs, "--id", "ok", "--payload", "again"]);
+    assert_eq!(o.status.code(), Some(2));
+    let err = stderr(&o);
+    assert!(err.contains("job ok finished recently"), "{err}");
+    assert!(err.contains(&format!("jobspool rm {qs} ok")), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    // show says it finished, with its history, instead of "no job".
+    let o = run(&["show", qs, "ok"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(out.contains("state:") && out.contains("done"), "{out}");
+    assert!(out.contains("history:"), "{out}");
+    let o = run(&["show", qs, "ok", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["state"], "done", "{v}");
+    assert!(
+        v["history"].as_array().unwrap().iter().any(|e| e["kind"] == "done"),
+        "{v}"
+    );
+    // rm removes the log and history and frees the id.
+    let o = run(&["rm", qs, "ok"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(stderr(&o).contains("the id can be pushed again"), "{}", stderr(&o));
+    assert!(!q.join("logs/ok.events").exists() && !q.join("logs/ok.log").exists());
+    let o = run(&["rm", qs, "ok"]);
+    assert_eq!(o.status.code(), Some(2), "nothing is known any more");
+    push(&q, &["--id", "ok", "--payload", "again"]);
+}
