@@ -212,3 +212,34 @@ fn a_done_jobs_id_stays_reserved_until_rm_frees_it() {
     assert_eq!(o.status.code(), Some(2), "nothing is known any more");
     push(&q, &["--id", "ok", "--payload", "again"]);
 }
+
+#[test]
+fn push_refuses_run_at_times_and_timeouts_a_queue_cannot_hold() {
+    let d = tempfile::tempdir().unwrap();
+    let q = d.path().join("never-created");
+    let qs = q.to_str().unwrap();
+    for (args, needle) in [
+        (vec!["--delay", "300y"], "too far in the future"),
+        (vec!["--delay", "1000000000y"], "too far in the future"),
+        (
+            vec!["--timeout", "1000000000y"],
+            "timeout of 1000000000years is too long",
+        ),
+        (vec!["--timeout", "101y"], "too long"),
+    ] {
+        let mut all = vec!["push", qs, "--payload", "x"];
+        all.extend_from_slice(&args);
+        let o = run(&all);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(needle), "{args:?}: {err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: {err}");
+        assert!(!q.exists(), "{args:?}: a refused push created the queue");
+    }
+    // The longest accepted values make jobs that are listed and kept, not quarantined.
+    push(&q, &["--delay", "200y", "--timeout", "100y", "--payload", "x"]);
+    let s = stats(&q);
+    assert_eq!((s["scheduled"].as_u64(), s["quarantined"].as_u64()), (Some(1), Some(0)));
+    let o = run(&["ls", qs, "--state", "scheduled", "--json"]);
+    assert_eq!(stdout(&o).lines().count(), 1, "{}", stdout(&o));
+}

@@ -27,7 +27,7 @@ pub fn format_duration(d: Duration) -> String {
     if d.subsec_millis() != 0 && d.as_secs() == 0 {
         return format!("{}ms", d.as_millis());
     }
-    humantime::format_duration(Duration::from_millis(d.as_millis() as u64))
+    humantime::format_duration(Duration::new(d.as_secs(), d.subsec_millis() * 1_000_000))
         .to_string()
         .replace(' ', "")
 }

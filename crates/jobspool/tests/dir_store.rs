@@ -495,3 +495,19 @@ fn a_done_jobs_id_stays_reserved_until_rm_frees_it() {
     store.push(&NewJob::new("c").id(id)).unwrap();
     assert_eq!(store.remove("ok").unwrap(), Some(State::Ready));
 }
+
+#[test]
+fn pushes_beyond_what_a_job_name_can_hold_are_refused() {
+    let (_d, q) = queue();
+    let store = DirStore::open(&q, false).unwrap();
+    let year = Duration::from_secs(31_557_600);
+    for job in [
+        NewJob::new("x").delay(300 * year),
+        NewJob::new("x").delay(1_000_000_000 * year),
+        NewJob::new("x").timeout(1_000_000_000 * year),
+    ] {
+        assert!(matches!(store.push(&job), Err(Error::Invalid(_))), "{job:?}");
+        assert!(matches!(store.push_batch(&[job]), Err(Error::Invalid(_))));
+    }
+    assert!(names(&q, "ready").is_empty() && names(&q, "tmp").is_empty());
+}

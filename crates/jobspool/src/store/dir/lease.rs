@@ -149,7 +149,10 @@ impl DirStore {
         let r = self.lease_name(lease)?;
         let to = QueuedName {
             priority: r.priority,
-            at: now_ms().saturating_add(delay.as_millis() as u64),
+            // Never later than a name can hold, whatever the backoff.
+            at: now_ms()
+                .saturating_add(u64::try_from(delay.as_millis()).unwrap_or(u64::MAX))
+                .min(crate::job::MAX_RUN_AT),
             attempts: r.attempts.saturating_add(1),
             id: r.id,
         }
