@@ -243,3 +243,34 @@ fn push_refuses_run_at_times_and_timeouts_a_queue_cannot_hold() {
     let o = run(&["ls", qs, "--state", "scheduled", "--json"]);
     assert_eq!(stdout(&o).lines().count(), 1, "{}", stdout(&o));
 }
+
+#[test]
+fn run_refuses_a_lease_timeout_or_attempt_limit_out_of_range_and_claims_nothing() {
+    let (_d, q) = queue();
+    let qs = q.to_str().unwrap();
+    push(&q, &["--id", "precious", "--payload", "x"]);
+    for (args, needle) in [
+        (vec!["--lease", "1000000000y"], "lease of 1000000000years is too long"),
+        (vec!["--lease", "101y"], "too long"),
+        (vec!["--lease", "0s"], "lease of 0s is too short"),
+        (vec!["--lease", "50ms"], "too short"),
+        (vec!["--timeout", "0s"], "timeout must be longer than 0"),
+        (vec!["--timeout", "1000000000y"], "too long"),
+        (vec!["--max-attempts", "0"], "max attempts must be at least 1"),
+    ] {
+        let mut all = vec!["run", qs, "--drain"];
+        all.extend_from_slice(&args);
+        all.extend_from_slice(&["--", "true"]);
+        let o = run(&all);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(needle), "{args:?}: {err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: {err}");
+    }
+    let s = stats(&q);
+    assert_eq!(
+        (s["ready"].as_u64(), s["quarantined"].as_u64()),
+        (Some(1), Some(0)),
+        "{s}"
+    );
+}

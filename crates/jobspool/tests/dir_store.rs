@@ -511,3 +511,23 @@ fn pushes_beyond_what_a_job_name_can_hold_are_refused() {
     }
     assert!(names(&q, "ready").is_empty() && names(&q, "tmp").is_empty());
 }
+
+#[test]
+fn a_claim_under_a_lease_no_name_can_hold_is_refused_and_the_job_stays() {
+    let (_d, q) = queue();
+    let store = DirStore::open(&q, false).unwrap();
+    store.push(&NewJob::new("x")).unwrap();
+    let forever = Duration::from_secs(1_000_000_000 * 31_557_600);
+    for lease in [forever, Duration::ZERO, Duration::MAX] {
+        assert!(matches!(store.claim(lease), Err(Error::Invalid(_))), "{lease:?}");
+    }
+    assert_eq!(names(&q, "ready").len(), 1);
+    assert!(names(&q, "running").is_empty() && names(&q, "quarantine").is_empty());
+    let claim = store.claim(jobspool::job::MAX_DURATION).unwrap().unwrap();
+    assert_eq!(
+        store.stats().unwrap().running,
+        1,
+        "the longest lease makes a valid claim"
+    );
+    store.ack(&claim.lease).unwrap();
+}

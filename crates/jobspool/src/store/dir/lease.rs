@@ -61,8 +61,10 @@ impl DirStore {
     }
 
     pub(super) fn claim_next(&self, lease: Duration) -> Result<Option<Claim>> {
+        // Refused before anything moves: a lease too long for the name would write a running
+        // name nobody can parse, and the job would be quarantined.
+        let lease_ms = crate::job::lease_ms(lease)?;
         let runner = self.my_id()?;
-        let lease_ms = lease.as_millis().max(1) as u64;
         loop {
             let (foreign, entry) = {
                 let mut guard = lock(&self.index);
