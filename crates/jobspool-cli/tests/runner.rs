@@ -582,6 +582,34 @@ fn check_speaks_the_monitoring_plugin_convention() {
 }
 
 #[test]
+fn check_is_critical_for_long_expired_leases_with_no_live_runner() {
+    let (_d, q) = queue();
+    let qs = q_str(&q);
+    // A short queue lease, so that "long expired" (past expiry by one more lease) comes soon.
+    let config = std::fs::read_to_string(q.join("jobspool.toml")).unwrap();
+    let short = config.replace("lease = \"30s\"", "lease = \"300ms\"");
+    assert_ne!(config, short);
+    std::fs::write(q.join("jobspool.toml"), short).unwrap();
+    push(&q, &["--id", "stuck", "--payload", "x"]);
+    let mut r = spawn(&["run", qs, "--", "sleep", "600"]);
+    wait_for("the job to be claimed", LONG, || count(&q, "running") == 1);
+    signal(&r, Signal::SIGKILL);
+    r.wait().unwrap();
+    // Past expiry plus one more lease, with no runner alive to reclaim it: critical.
+    std::thread::sleep(Duration::from_millis(1000));
+    let o = run(&["check", qs]);
+    assert_eq!(o.status.code(), Some(2), "{}", stdout(&o));
+    assert!(
+        stdout(&o).starts_with(
+            "JOBSPOOL CRITICAL - 1 running job(s) with long-expired leases and no live runner to reclaim them"
+        ),
+        "{}",
+        stdout(&o)
+    );
+    assert!(stdout(&o).contains("running=1"), "{}", stdout(&o));
+}
+
+#[test]
 fn jobs_removed_while_running_are_stopped_at_the_next_heartbeat() {
     let (_d, q) = queue();
     let qs = q_str(&q);
