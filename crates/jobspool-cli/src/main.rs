@@ -36,7 +36,13 @@ fn main() -> ExitCode {
 fn exit_code(e: &jobspool::Error) -> u8 {
     use jobspool::Error::*;
     match e {
-        Invalid(_) | Config { .. } | NotFound { .. } | JobExists { .. } | WrongState { .. } | LeaseLost { .. } => 2,
+        Invalid(_)
+        | Config { .. }
+        | NotFound { .. }
+        | JobExists { .. }
+        | Finished { .. }
+        | WrongState { .. }
+        | LeaseLost { .. } => 2,
         _ => 3,
     }
 }

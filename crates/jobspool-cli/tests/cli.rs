@@ -175,3 +175,102 @@ fn bad_input_gets_one_clear_line_and_a_non_zero_exit() {
     assert_eq!(stats(&q)["ready"], 0, "nothing was half-written");
     assert!(std::fs::read_dir(q.join("tmp")).unwrap().next().is_none());
 }
+
+#[test]
+fn a_done_jobs_id_stays_reserved_until_rm_frees_it() {
+    let (_d, q) = queue();
+    let qs = q.to_str().unwrap();
+    push(&q, &["--id", "ok", "--payload", "x"]);
+    let o = run(&["run", qs, "--drain", "--", "true"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    // Pushing a finished idempotency key again is refused, saying why and what frees it.
+    let o = run(&["push", qs, "--id", "ok", "--payload", "again"]);
+    assert_eq!(o.status.code(), Some(2));
+    let err = stderr(&o);
+    assert!(err.contains("job ok finished recently"), "{err}");
+    assert!(err.contains(&format!("jobspool rm {qs} ok")), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    // show says it finished, with its history, instead of "no job".
+    let o = run(&["show", qs, "ok"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(out.contains("state:") && out.contains("done"), "{out}");
+    assert!(out.contains("history:"), "{out}");
+    let o = run(&["show", qs, "ok", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["state"], "done", "{v}");
+    assert!(
+        v["history"].as_array().unwrap().iter().any(|e| e["kind"] == "done"),
+        "{v}"
+    );
+    // rm removes the log and history and frees the id.
+    let o = run(&["rm", qs, "ok"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(stderr(&o).contains("the id can be pushed again"), "{}", stderr(&o));
+    assert!(!q.join("logs/ok.events").exists() && !q.join("logs/ok.log").exists());
+    let o = run(&["rm", qs, "ok"]);
+    assert_eq!(o.status.code(), Some(2), "nothing is known any more");
+    push(&q, &["--id", "ok", "--payload", "again"]);
+}
+
+#[test]
+fn push_refuses_run_at_times_and_timeouts_a_queue_cannot_hold() {
+    let d = tempfile::tempdir().unwrap();
+    let q = d.path().join("never-created");
+    let qs = q.to_str().unwrap();
+    for (args, needle) in [
+        (vec!["--delay", "300y"], "too far in the future"),
+        (vec!["--delay", "1000000000y"], "too far in the future"),
+        (
+            vec!["--timeout", "1000000000y"],
+            "timeout of 1000000000years is too long",
+        ),
+        (vec!["--timeout", "101y"], "too long"),
+    ] {
+        let mut all = vec!["push", qs, "--payload", "x"];
+        all.extend_from_slice(&args);
+        let o = run(&all);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(needle), "{args:?}: {err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: {err}");
+        assert!(!q.exists(), "{args:?}: a refused push created the queue");
+    }
+    // The longest accepted values make jobs that are listed and kept, not quarantined.
+    push(&q, &["--delay", "200y", "--timeout", "100y", "--payload", "x"]);
+    let s = stats(&q);
+    assert_eq!((s["scheduled"].as_u64(), s["quarantined"].as_u64()), (Some(1), Some(0)));
+    let o = run(&["ls", qs, "--state", "scheduled", "--json"]);
+    assert_eq!(stdout(&o).lines().count(), 1, "{}", stdout(&o));
+}
+
+#[test]
+fn run_refuses_a_lease_timeout_or_attempt_limit_out_of_range_and_claims_nothing() {
+    let (_d, q) = queue();
+    let qs = q.to_str().unwrap();
+    push(&q, &["--id", "precious", "--payload", "x"]);
+    for (args, needle) in [
+        (vec!["--lease", "1000000000y"], "lease of 1000000000years is too long"),
+        (vec!["--lease", "101y"], "too long"),
+        (vec!["--lease", "0s"], "lease of 0s is too short"),
+        (vec!["--lease", "50ms"], "too short"),
+        (vec!["--timeout", "0s"], "timeout must be longer than 0"),
+        (vec!["--timeout", "1000000000y"], "too long"),
+        (vec!["--max-attempts", "0"], "max attempts must be at least 1"),
+    ] {
+        let mut all = vec!["run", qs, "--drain"];
+        all.extend_from_slice(&args);
+        all.extend_from_slice(&["--", "true"]);
+        let o = run(&all);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(needle), "{args:?}: {err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: {err}");
+    }
+    let s = stats(&q);
+    assert_eq!(
+        (s["ready"].as_u64(), s["quarantined"].as_u64()),
+        (Some(1), Some(0)),
+        "{s}"
+    );
+}

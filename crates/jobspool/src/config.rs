@@ -27,7 +27,7 @@ pub fn format_duration(d: Duration) -> String {
     if d.subsec_millis() != 0 && d.as_secs() == 0 {
         return format!("{}ms", d.as_millis());
     }
-    humantime::format_duration(Duration::from_millis(d.as_millis() as u64))
+    humantime::format_duration(Duration::new(d.as_secs(), d.subsec_millis() * 1_000_000))
         .to_string()
         .replace(' ', "")
 }
@@ -157,6 +157,9 @@ impl QueueConfig {
         if cfg.timeout.is_zero() {
             return Err("timeout must be above 0".into());
         }
+        if cfg.lease > crate::job::MAX_DURATION || cfg.timeout > crate::job::MAX_DURATION {
+            return Err("lease and timeout must be at most 100 years".into());
+        }
         Ok(cfg)
     }
 
@@ -259,6 +262,21 @@ mod tests {
         assert!(QueueConfig::parse(&good.replace("lease = \"30s\"", "lease = \"forever\"")).is_err());
         assert!(QueueConfig::parse(&format!("{good}\nsurprise = 1\n")).is_err());
         assert!(QueueConfig::parse("").is_err());
+    }
+
+    #[test]
+    fn a_lease_or_timeout_no_claim_could_carry_is_refused() {
+        let good = QueueConfig::default().to_toml();
+        for bad in [
+            good.replace("lease = \"30s\"", "lease = \"1000000000y\""),
+            good.replace("timeout = \"1h\"", "timeout = \"1000000000y\""),
+        ] {
+            assert_ne!(bad, good);
+            assert!(
+                QueueConfig::parse(&bad).unwrap_err().contains("at most 100 years"),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

@@ -24,14 +24,28 @@ pub enum Error {
         id: String,
     },
 
-    /// A push named an id that the queue already knows (a queued, running or dead job, or a
-    /// finished job whose log has not yet been collected).
+    /// A push named an id that the queue already knows (a queued, running or dead job).
     #[error("job {id} already exists in {queue}; choose another id or remove the old job with `jobspool rm`")]
     JobExists {
         /// The id that was refused.
         id: String,
         /// The queue it was refused in.
         queue: String,
+    },
+
+    /// A push named the id of a job that finished recently. The id stays reserved while the
+    /// finished job's log and history are kept, so that pushing a finished idempotency key again
+    /// is harmless; removing them (`jobspool rm`) frees it.
+    #[error(
+        "job {id} finished recently; its id stays reserved while its log is kept (log retention {retention}); `jobspool rm {queue} {id}` frees it"
+    )]
+    Finished {
+        /// The id that was refused.
+        id: String,
+        /// The queue it was refused in.
+        queue: String,
+        /// How long finished jobs' logs are kept, as written in the queue's configuration.
+        retention: String,
     },
 
     /// No job with this id is in the queue (in the states that were searched).

@@ -18,6 +18,30 @@ pub const MIN_PRIORITY: i16 = -999;
 /// Largest payload a job may carry. Claimers read the whole payload into memory.
 pub const MAX_PAYLOAD: usize = 256 << 20;
 
+/// Latest run-at time a job may have, in milliseconds since the epoch: thirteen decimal digits,
+/// the width of the time field in the queue directory's file names (2286-11-20T17:46:39.999Z).
+pub const MAX_RUN_AT: Millis = 9_999_999_999_999;
+
+/// Longest time limit per attempt and longest lease: 100 years (of 365.25 days, as `100y` is
+/// read). Longer values are surely mistakes, and every store can represent this one (in file
+/// names, job headers, Redis scores).
+pub const MAX_DURATION: Duration = Duration::from_secs(100 * 31_557_600);
+
+/// Checks a lease duration a claim is to be made under and returns it in milliseconds: more
+/// than 0, at most [`MAX_DURATION`].
+pub fn lease_ms(lease: Duration) -> Result<u64> {
+    if lease.is_zero() {
+        return Err(Error::Invalid("lease must be longer than 0".into()));
+    }
+    if lease > MAX_DURATION {
+        return Err(Error::Invalid(format!(
+            "lease of {} is too long: the longest is 100 years",
+            crate::config::format_duration(lease)
+        )));
+    }
+    Ok(u64::try_from(lease.as_millis()).unwrap_or(u64::MAX).max(1))
+}
+
 /// A job's identity: generated (a UUIDv7, which sorts by creation time) or given by the caller.
 ///
 /// Caller-given ids are restricted to `[A-Za-z0-9._:@+=-]`, 1 to 128 bytes, not starting with
@@ -165,7 +189,13 @@ impl NewJob {
 
     /// Makes the job runnable only after `delay` from now.
     pub fn delay(mut self, delay: Duration) -> NewJob {
-        self.run_at = Some(now_ms().saturating_add(delay.as_millis() as u64));
+        // A delay too long to add up is kept as the latest time there is; validate refuses it.
+        self.run_at = Some(
+            u64::try_from(delay.as_millis())
+                .ok()
+                .and_then(|ms| now_ms().checked_add(ms))
+                .unwrap_or(Millis::MAX),
+        );
         self
     }
 
@@ -216,6 +246,18 @@ impl NewJob {
         }
         if self.timeout == Some(Duration::ZERO) {
             return Err(Error::Invalid("timeout must be longer than 0".to_string()));
+        }
+        if let Some(t) = self.timeout.filter(|t| *t > MAX_DURATION) {
+            return Err(Error::Invalid(format!(
+                "timeout of {} is too long: the longest is 100 years",
+                crate::config::format_duration(t)
+            )));
+        }
+        if self.run_at.is_some_and(|at| at > MAX_RUN_AT) {
+            return Err(Error::Invalid(format!(
+                "run-at time is too far in the future: the latest a queue can hold is {}; use a shorter delay",
+                format_ms(MAX_RUN_AT)
+            )));
         }
         if let Some(argv) = &self.command {
             if argv.is_empty() || argv[0].is_empty() {
@@ -354,5 +396,27 @@ mod tests {
         assert!(NewJob::new("x").max_attempts(0).validate().is_err());
         assert!(NewJob::new("x").command(Vec::<String>::new()).validate().is_err());
         assert!(NewJob::new("x").priority(999).validate().is_ok());
+    }
+
+    #[test]
+    fn run_at_and_timeouts_beyond_what_a_queue_can_hold_are_refused() {
+        let year = Duration::from_secs(365 * 24 * 3600);
+        assert!(NewJob::new("x").delay(200 * year).validate().is_ok());
+        assert!(NewJob::new("x").delay(300 * year).validate().is_err());
+        assert!(NewJob::new("x").delay(Duration::MAX).validate().is_err());
+        assert!(NewJob::new("x").delay(1_000_000_000 * year).validate().is_err());
+        let far = UNIX_EPOCH + Duration::from_millis(MAX_RUN_AT + 1);
+        assert!(NewJob::new("x").run_at(far).validate().is_err());
+        assert!(NewJob::new("x").timeout(MAX_DURATION).validate().is_ok());
+        assert!(
+            NewJob::new("x")
+                .timeout(MAX_DURATION + Duration::from_millis(1))
+                .validate()
+                .is_err()
+        );
+        assert!(NewJob::new("x").timeout(Duration::MAX).validate().is_err());
+        assert!(lease_ms(Duration::ZERO).is_err());
+        assert!(lease_ms(1_000_000_000 * year).is_err());
+        assert_eq!(lease_ms(Duration::from_millis(1500)).unwrap(), 1500);
     }
 }

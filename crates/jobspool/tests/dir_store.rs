@@ -153,7 +153,7 @@ fn duplicate_ids_are_refused_until_the_job_is_removed() {
         store.push(&NewJob::new("b").id(id.clone())),
         Err(Error::JobExists { .. })
     ));
-    assert_eq!(store.remove("mail-7").unwrap(), State::Dead);
+    assert_eq!(store.remove("mail-7").unwrap(), Some(State::Dead));
     store.push(&NewJob::new("c").id(id)).unwrap();
     let batch = [
         NewJob::new("x").id(JobId::new("d").unwrap()),
@@ -465,4 +465,69 @@ fn garbage_collection_keeps_the_logs_of_live_jobs_and_reaps_crashed_pushes() {
     assert_eq!(names(&q, "tmp"), ["inflight.456.ef01"]);
     let logs = names(&q, "logs");
     assert_eq!(logs, ["dead.events", "dead.log", "waiting.events", "waiting.log"]);
+}
+
+#[test]
+fn a_done_jobs_id_stays_reserved_until_rm_frees_it() {
+    let (_d, q) = queue();
+    let store = DirStore::open(&q, false).unwrap();
+    let id = JobId::new("ok").unwrap();
+    store.push(&NewJob::new("a").id(id.clone())).unwrap();
+    let claim = store.claim(LEASE).unwrap().unwrap();
+    store
+        .record(
+            &id,
+            &jobspool::store::Event::now(jobspool::store::EventKind::Done, 1, None),
+        )
+        .unwrap();
+    store.ack(&claim.lease).unwrap();
+    // Re-pushing a finished idempotency key is refused, with the way out.
+    let err = store.push(&NewJob::new("b").id(id.clone())).unwrap_err();
+    assert!(matches!(err, Error::Finished { .. }), "{err}");
+    assert!(err.to_string().contains("jobspool rm"), "{err}");
+    assert!(matches!(store.get("ok"), Err(Error::NotFound { .. })));
+    let history = store.finished(&id).unwrap().expect("a finished job's history is kept");
+    assert!(history.iter().any(|e| e.kind == jobspool::store::EventKind::Done));
+    // rm removes the leftovers (None: no job was in the queue) and frees the id.
+    assert_eq!(store.remove("ok").unwrap(), None);
+    assert!(store.finished(&id).unwrap().is_none());
+    assert!(matches!(store.remove("ok"), Err(Error::NotFound { .. })));
+    store.push(&NewJob::new("c").id(id)).unwrap();
+    assert_eq!(store.remove("ok").unwrap(), Some(State::Ready));
+}
+
+#[test]
+fn pushes_beyond_what_a_job_name_can_hold_are_refused() {
+    let (_d, q) = queue();
+    let store = DirStore::open(&q, false).unwrap();
+    let year = Duration::from_secs(31_557_600);
+    for job in [
+        NewJob::new("x").delay(300 * year),
+        NewJob::new("x").delay(1_000_000_000 * year),
+        NewJob::new("x").timeout(1_000_000_000 * year),
+    ] {
+        assert!(matches!(store.push(&job), Err(Error::Invalid(_))), "{job:?}");
+        assert!(matches!(store.push_batch(&[job]), Err(Error::Invalid(_))));
+    }
+    assert!(names(&q, "ready").is_empty() && names(&q, "tmp").is_empty());
+}
+
+#[test]
+fn a_claim_under_a_lease_no_name_can_hold_is_refused_and_the_job_stays() {
+    let (_d, q) = queue();
+    let store = DirStore::open(&q, false).unwrap();
+    store.push(&NewJob::new("x")).unwrap();
+    let forever = Duration::from_secs(1_000_000_000 * 31_557_600);
+    for lease in [forever, Duration::ZERO, Duration::MAX] {
+        assert!(matches!(store.claim(lease), Err(Error::Invalid(_))), "{lease:?}");
+    }
+    assert_eq!(names(&q, "ready").len(), 1);
+    assert!(names(&q, "running").is_empty() && names(&q, "quarantine").is_empty());
+    let claim = store.claim(jobspool::job::MAX_DURATION).unwrap().unwrap();
+    assert_eq!(
+        store.stats().unwrap().running,
+        1,
+        "the longest lease makes a valid claim"
+    );
+    store.ack(&claim.lease).unwrap();
 }

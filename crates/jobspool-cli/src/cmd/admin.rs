@@ -36,11 +36,15 @@ pub fn rm(queue: &str, ids: &[String]) -> Result<u8> {
     let mut code = 0;
     for id in ids {
         match store.remove(id) {
-            Ok(State::Running) => {
+            Ok(Some(State::Running)) => {
                 eprintln!("jobspool: {id} was running; its runner stops it at its next heartbeat");
                 println!("{id}");
             }
-            Ok(_) => println!("{id}"),
+            Ok(Some(_)) => println!("{id}"),
+            Ok(None) => {
+                eprintln!("jobspool: {id}: finished job's log and history removed; the id can be pushed again");
+                println!("{id}");
+            }
             Err(e @ Error::NotFound { .. }) => {
                 eprintln!("jobspool: {e}");
                 code = 2;

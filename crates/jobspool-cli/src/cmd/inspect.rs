@@ -4,7 +4,7 @@ use std::io::Write;
 use std::time::Duration;
 
 use jobspool::job::{format_ms, now_ms};
-use jobspool::store::{Detail, JobInfo};
+use jobspool::store::{Detail, Event, EventKind, JobInfo};
 use jobspool::{Error, JobId, Result, State};
 use serde_json::{Value, json};
 
@@ -83,9 +83,87 @@ fn detail_json(d: &Detail, now: u64) -> Value {
     v
 }
 
+fn print_history(out: &mut impl Write, history: &[Event]) {
+    if history.is_empty() {
+        return;
+    }
+    let _ = writeln!(out, "history:");
+    for e in history {
+        let kind = serde_json::to_value(e.kind)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "  {}  {:<10} attempt {}{}{}",
+            format_ms(e.at),
+            kind,
+            e.attempt,
+            e.runner.as_deref().map(|r| format!("  runner {r}")).unwrap_or_default(),
+            e.detail.as_deref().map(|d| format!("  {d}")).unwrap_or_default()
+        );
+    }
+}
+
+/// `show` of a job that finished: it is gone from the queue, but its log and history are kept
+/// (and keep its id reserved) until they are collected or removed.
+fn show_finished(queue: &str, id: &str, history: &[Event], json: bool, payload: bool) -> Result<u8> {
+    if payload {
+        return Err(Error::Invalid(format!(
+            "job {id} finished; its payload is no longer kept (only its log and history are)"
+        )));
+    }
+    let mut out = std::io::stdout().lock();
+    if json {
+        let v = json!({
+            "id": id,
+            "state": "done",
+            "finished": history.iter().rev().find(|e| e.kind == EventKind::Done).map(|e| e.at),
+            "history": history,
+        });
+        let _ = writeln!(out, "{v}");
+        return Ok(0);
+    }
+    let _ = writeln!(out, "{:<14}{id}", "id:");
+    let _ = writeln!(
+        out,
+        "{:<14}done (finished; `jobspool logs {queue} {id}` shows its log)",
+        "state:"
+    );
+    if let Some(e) = history.iter().rev().find(|e| e.kind == EventKind::Done) {
+        let _ = writeln!(
+            out,
+            "{:<14}{} ({})",
+            "finished at:",
+            format_ms(e.at),
+            age(e.at, now_ms())
+        );
+    }
+    let _ = writeln!(
+        out,
+        "{:<14}its log and history keep the id reserved until collected; `jobspool rm {queue} {id}` frees it",
+        "note:"
+    );
+    print_history(&mut out, history);
+    Ok(0)
+}
+
 pub fn show(queue: &str, id: &str, json: bool, payload: bool) -> Result<u8> {
     let store = open(queue)?;
-    let d = store.get(id)?;
+    let d = match store.get(id) {
+        Ok(d) => d,
+        Err(e @ Error::NotFound { .. }) => {
+            let history = match JobId::new(id) {
+                Ok(jid) => store.finished(&jid)?,
+                Err(_) => None,
+            };
+            return match history {
+                Some(history) => show_finished(queue, id, &history, json, payload),
+                None => Err(e),
+            };
+        }
+        Err(e) => return Err(e),
+    };
     let now = now_ms();
     let mut out = std::io::stdout().lock();
     if payload {
@@ -144,24 +222,7 @@ pub fn show(queue: &str, id: &str, json: bool, payload: bool) -> Result<u8> {
     for (k, v) in lines {
         let _ = writeln!(out, "{:<14}{v}", format!("{k}:"));
     }
-    if !d.history.is_empty() {
-        let _ = writeln!(out, "history:");
-        for e in &d.history {
-            let kind = serde_json::to_value(e.kind)
-                .ok()
-                .and_then(|v| v.as_str().map(str::to_string))
-                .unwrap_or_default();
-            let _ = writeln!(
-                out,
-                "  {}  {:<10} attempt {}{}{}",
-                format_ms(e.at),
-                kind,
-                e.attempt,
-                e.runner.as_deref().map(|r| format!("  runner {r}")).unwrap_or_default(),
-                e.detail.as_deref().map(|d| format!("  {d}")).unwrap_or_default()
-            );
-        }
-    }
+    print_history(&mut out, &d.history);
     Ok(0)
 }
 

@@ -236,6 +236,9 @@ pub fn run(store: Arc<dyn Store>, opts: RunnerOptions) -> Result<RunReport> {
     rt.block_on(run_async(store, opts))
 }
 
+/// Shortest lease a runner accepts (the queue configuration's minimum too).
+pub const MIN_LEASE: Duration = Duration::from_millis(100);
+
 /// The runner's event loop.
 pub async fn run_async(store: Arc<dyn Store>, opts: RunnerOptions) -> Result<RunReport> {
     // Signals first: until they are handled, SIGTERM or SIGALRM would kill the runner outright.
@@ -261,8 +264,32 @@ pub async fn run_async(store: Arc<dyn Store>, opts: RunnerOptions) -> Result<Run
             "no handler: give a command after --, or --allow-job-commands to run the jobs' own commands".into(),
         ));
     }
+    // The same limits a push and the queue's configuration enforce: out-of-range values would
+    // make claims no store can represent, or jobs that can never run.
+    if let Some(lease) = opts.lease {
+        if lease < MIN_LEASE {
+            return Err(Error::Invalid(format!(
+                "lease of {} is too short: it must be at least {} (heartbeats go every third of it)",
+                format_duration(lease),
+                format_duration(MIN_LEASE)
+            )));
+        }
+        crate::job::lease_ms(lease)?;
+    }
+    if opts.timeout == Some(Duration::ZERO) {
+        return Err(Error::Invalid("timeout must be longer than 0".into()));
+    }
+    if let Some(t) = opts.timeout.filter(|t| *t > crate::job::MAX_DURATION) {
+        return Err(Error::Invalid(format!(
+            "timeout of {} is too long: the longest is 100 years",
+            format_duration(t)
+        )));
+    }
+    if opts.max_attempts == Some(0) {
+        return Err(Error::Invalid("max attempts must be at least 1".into()));
+    }
     let cfg = store.config().clone();
-    let lease = opts.lease.unwrap_or(cfg.lease).max(Duration::from_millis(100));
+    let lease = opts.lease.unwrap_or(cfg.lease).max(MIN_LEASE);
     let settings = Settings {
         lease,
         heartbeat: (lease / 3).max(Duration::from_millis(30)),

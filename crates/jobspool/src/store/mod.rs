@@ -345,8 +345,20 @@ pub trait Store: Send + Sync {
     fn revive_all(&self) -> Result<Vec<JobId>>;
 
     /// Removes a job (in any state; a running job's holder loses its lease) with its log, or a
-    /// quarantined entry. Returns the state it was in.
-    fn remove(&self, id: &str) -> Result<State>;
+    /// quarantined entry. Returns the state it was in: `Some(state)` when a job or entry was
+    /// removed, `None` when only a finished job's log and history remained and were removed (which
+    /// frees its id for a new push). [`Error::NotFound`](crate::Error::NotFound) only when nothing
+    /// at all is known about `id`.
+    fn remove(&self, id: &str) -> Result<Option<State>>;
+
+    /// The history of a job that finished (done, so no longer in the queue) but whose log and
+    /// history are still kept, which also keeps its id reserved; `None` when the queue keeps
+    /// nothing of a finished job `id`. Stores that keep no history of finished jobs need not
+    /// override this.
+    fn finished(&self, id: &JobId) -> Result<Option<Vec<Event>>> {
+        let _ = id;
+        Ok(None)
+    }
 
     /// Appends an entry to a job's history.
     fn record(&self, id: &JobId, event: &Event) -> Result<()>;

@@ -69,7 +69,7 @@ impl DirStore {
         Ok(out)
     }
 
-    pub(super) fn remove_one(&self, id: &str) -> Result<State> {
+    pub(super) fn remove_one(&self, id: &str) -> Result<Option<State>> {
         if let Some((state, name)) = self.find(id)? {
             let dir = self.dir_of(state);
             match self.fs.unlink(dir, &name, false) {
@@ -82,7 +82,7 @@ impl DirStore {
             let _ = self.fs.unlink(&self.d.logs, &Self::events_name(&jid), false);
             self.fs.sync_dir(dir).map_err(|e| Error::io(&dir.path, "syncing", e))?;
             let state = self.info_from_name(state, &name, now_ms()).map_or(state, |i| i.state);
-            return Ok(state);
+            return Ok(Some(state));
         }
         let qname = OsStr::new(id);
         if !id.contains('/') && id != "." && id != ".." && !id.is_empty() {
@@ -98,8 +98,29 @@ impl DirStore {
                     self.fs
                         .unlink(&self.d.quarantine, qname, false)
                         .map_err(|e| Error::io(self.path(&self.d.quarantine, qname), "removing", e))?;
-                    return Ok(State::Quarantined);
+                    return Ok(Some(State::Quarantined));
                 }
+            }
+        }
+        // A finished job leaves its log and history behind (they keep its id reserved until
+        // they are collected); removing them frees the id.
+        if let Ok(jid) = JobId::new(id) {
+            if self.keeps_leftovers(&jid) {
+                // A job between two folders was missed by the first look; look again.
+                if self.find(id)?.is_some() {
+                    return self.remove(id);
+                }
+                for name in [Self::log_name(&jid), Self::events_name(&jid)] {
+                    match self.fs.unlink(&self.d.logs, &name, false) {
+                        Ok(()) => {}
+                        Err(e) if errno(&e) == Some(Errno::ENOENT) => {}
+                        Err(e) => return Err(Error::io(self.path(&self.d.logs, &name), "removing", e)),
+                    }
+                }
+                self.fs
+                    .sync_dir(&self.d.logs)
+                    .map_err(|e| Error::io(&self.d.logs.path, "syncing", e))?;
+                return Ok(None);
             }
         }
         Err(Error::NotFound {
@@ -215,5 +236,20 @@ impl DirStore {
             }
         }
         Ok(problems)
+    }
+
+    /// Whether `logs/` still holds a log or history of `id`.
+    pub(super) fn keeps_leftovers(&self, id: &JobId) -> bool {
+        [Self::log_name(id), Self::events_name(id)]
+            .iter()
+            .any(|name| fs::lstat_kind(&self.d.logs, name) != Kind::Vanished)
+    }
+
+    /// The history of a job that is in no state folder but whose log or history is still kept.
+    pub(super) fn finished_history(&self, id: &JobId) -> Result<Option<Vec<Event>>> {
+        if self.find(id.as_str())?.is_some() || !self.keeps_leftovers(id) {
+            return Ok(None);
+        }
+        Ok(Some(self.read_history(id)))
     }
 }

@@ -61,8 +61,10 @@ impl DirStore {
     }
 
     pub(super) fn claim_next(&self, lease: Duration) -> Result<Option<Claim>> {
+        // Refused before anything moves: a lease too long for the name would write a running
+        // name nobody can parse, and the job would be quarantined.
+        let lease_ms = crate::job::lease_ms(lease)?;
         let runner = self.my_id()?;
-        let lease_ms = lease.as_millis().max(1) as u64;
         loop {
             let (foreign, entry) = {
                 let mut guard = lock(&self.index);
@@ -149,7 +151,10 @@ impl DirStore {
         let r = self.lease_name(lease)?;
         let to = QueuedName {
             priority: r.priority,
-            at: now_ms().saturating_add(delay.as_millis() as u64),
+            // Never later than a name can hold, whatever the backoff.
+            at: now_ms()
+                .saturating_add(u64::try_from(delay.as_millis()).unwrap_or(u64::MAX))
+                .min(crate::job::MAX_RUN_AT),
             attempts: r.attempts.saturating_add(1),
             id: r.id,
         }

@@ -419,8 +419,12 @@ impl Store for DirStore {
         self.revive_every()
     }
 
-    fn remove(&self, id: &str) -> Result<State> {
+    fn remove(&self, id: &str) -> Result<Option<State>> {
         self.remove_one(id)
+    }
+
+    fn finished(&self, id: &JobId) -> Result<Option<Vec<Event>>> {
+        self.finished_history(id)
     }
 
     fn record(&self, id: &JobId, event: &Event) -> Result<()> {

@@ -27,6 +27,14 @@ impl DirStore {
                 match self.fs.create(&self.d.logs, &marker, self.config.mode) {
                     Ok(_) => markers.push(id.clone()),
                     Err(e) if errno(&e) == Some(Errno::EEXIST) => {
+                        // Not in any folder: only a finished job's log and history hold the id.
+                        if self.find(id.as_str())?.is_none() {
+                            return Err(Error::Finished {
+                                id: id.to_string(),
+                                queue: self.target.clone(),
+                                retention: crate::config::format_duration(self.config.log_retention),
+                            });
+                        }
                         return Err(Error::JobExists {
                             id: id.to_string(),
                             queue: self.target.clone(),

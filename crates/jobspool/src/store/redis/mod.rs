@@ -683,14 +683,14 @@ impl Store for RedisStore {
         Ok(out)
     }
 
-    fn remove(&self, id: &str) -> Result<State> {
+    fn remove(&self, id: &str) -> Result<Option<State>> {
         let before: String = self.inner.run(&self.inner.scripts.remove, &[&id])?;
         match before.as_str() {
-            "ready" => Ok(State::Ready),
-            "scheduled" => Ok(State::Scheduled),
-            "running" => Ok(State::Running),
-            "dead" => Ok(State::Dead),
-            "quarantined" => Ok(State::Quarantined),
+            "ready" => Ok(Some(State::Ready)),
+            "scheduled" => Ok(Some(State::Scheduled)),
+            "running" => Ok(Some(State::Running)),
+            "dead" => Ok(Some(State::Dead)),
+            "quarantined" => Ok(Some(State::Quarantined)),
             _ => Err(Error::NotFound {
                 id: id.to_string(),
                 queue: self.inner.shown.clone(),
