@@ -301,10 +301,18 @@ fn a_frozen_redis_runner_past_its_lease_cannot_acknowledge_the_job_another_finis
         "the stale handler never finished"
     );
     assert_eq!(counts(qs), (0, 0, 0, 0));
+    let show: serde_json::Value = serde_json::from_slice(&run(&["show", qs, "contested", "--json"]).stdout).unwrap();
+    assert_eq!(show["state"], "done", "{show}");
+    let history = show["history"].as_array().unwrap();
+    let kinds: Vec<&str> = history.iter().map(|e| e["kind"].as_str().unwrap()).collect();
     assert_eq!(
-        run(&["show", qs, "contested"]).status.code(),
-        Some(2),
-        "done and removed"
+        kinds.iter().filter(|k| **k == "done").count(),
+        1,
+        "acknowledged once: {kinds:?}"
+    );
+    assert!(
+        kinds.contains(&"reclaimed") && kinds.contains(&"leaselost"),
+        "{kinds:?}"
     );
 }
 

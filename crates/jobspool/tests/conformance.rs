@@ -277,11 +277,11 @@ fn remove_works_in_every_state_and_fences_the_holder(b: &dyn Backend) {
     push(&*s, "r-ready", 0);
     s.push(&NewJob::new(vec![]).id(id("r-sched")).delay(Duration::from_secs(3600)))
         .unwrap();
-    assert_eq!(s.remove("r-ready").unwrap(), State::Ready);
-    assert_eq!(s.remove("r-sched").unwrap(), State::Scheduled);
+    assert_eq!(s.remove("r-ready").unwrap(), Some(State::Ready));
+    assert_eq!(s.remove("r-sched").unwrap(), Some(State::Scheduled));
     push(&*s, "r-running", 0);
     let c = s.claim(LEASE).unwrap().unwrap();
-    assert_eq!(s.remove("r-running").unwrap(), State::Running);
+    assert_eq!(s.remove("r-running").unwrap(), Some(State::Running));
     assert!(matches!(s.heartbeat(&c.lease), Err(Error::LeaseLost { .. })));
     assert!(matches!(s.ack(&c.lease), Err(Error::LeaseLost { .. })));
     assert!(matches!(s.remove("r-running"), Err(Error::NotFound { .. })));
@@ -306,6 +306,38 @@ fn ids_are_unique_and_batches_all_or_nothing(b: &dyn Backend) {
         .unwrap();
     assert_eq!(ids.len(), 50);
     assert_eq!(s.stats().unwrap().ready, 51);
+}
+
+fn a_finished_jobs_id_stays_reserved_until_removed(b: &dyn Backend) {
+    let s = b.open();
+    push(&*s, "order-42", 0);
+    let c = s.claim(LEASE).unwrap().unwrap();
+    s.open_log(&c.job.id).unwrap().append(b"sent\n").unwrap();
+    s.record(&c.job.id, &store::Event::now(EventKind::Done, 1, None))
+        .unwrap();
+    s.ack(&c.lease).unwrap();
+    assert!(matches!(s.get("order-42"), Err(Error::NotFound { .. })));
+    let history = s
+        .finished(&id("order-42"))
+        .unwrap()
+        .expect("a finished job's history is kept");
+    assert!(history.iter().any(|e| e.kind == EventKind::Done));
+    assert!(
+        matches!(
+            s.push(&NewJob::new(vec![]).id(id("order-42"))),
+            Err(Error::Finished { .. })
+        ),
+        "re-pushing a finished idempotency key does not run it again"
+    );
+    assert_eq!(s.remove("order-42").unwrap(), None, "only leftovers were removed");
+    assert_eq!(s.finished(&id("order-42")).unwrap(), None);
+    assert!(matches!(s.remove("order-42"), Err(Error::NotFound { .. })));
+    push(&*s, "order-42", 0);
+    assert_eq!(
+        s.finished(&id("order-42")).unwrap(),
+        None,
+        "a queued job is not finished"
+    );
 }
 
 fn stats_idle_and_list_see_every_state(b: &dyn Backend) {
@@ -512,6 +544,7 @@ conformance!(
     a_release_does_not_count_an_attempt,
     remove_works_in_every_state_and_fences_the_holder,
     ids_are_unique_and_batches_all_or_nothing,
+    a_finished_jobs_id_stays_reserved_until_removed,
     stats_idle_and_list_see_every_state,
     logs_and_history_are_kept_per_job,
     a_watch_wakes_on_a_push_from_another_handle,

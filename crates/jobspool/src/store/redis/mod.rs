@@ -368,6 +368,11 @@ impl RedisStore {
                 id: id.clone(),
                 queue: self.inner.shown.clone(),
             }),
+            [what, id] if what == "finished" => Err(Error::Finished {
+                id: id.clone(),
+                queue: self.inner.shown.clone(),
+                retention: crate::config::format_duration(self.inner.config.log_retention),
+            }),
             other => Err(self.unexpected("push", other)),
         }
     }
@@ -691,11 +696,37 @@ impl Store for RedisStore {
             "running" => Ok(Some(State::Running)),
             "dead" => Ok(Some(State::Dead)),
             "quarantined" => Ok(Some(State::Quarantined)),
+            "finished" => Ok(None),
             _ => Err(Error::NotFound {
                 id: id.to_string(),
                 queue: self.inner.shown.clone(),
             }),
         }
+    }
+
+    fn finished(&self, id: &JobId) -> Result<Option<Vec<Event>>> {
+        let (job, events) = (
+            self.inner.key(&format!("job:{id}")),
+            self.inner.key(&format!("events:{id}")),
+        );
+        let (exists, lines): (bool, Vec<String>) = self.inner.with(|c| {
+            ::redis::pipe()
+                .atomic()
+                .cmd("EXISTS")
+                .arg(&job)
+                .cmd("LRANGE")
+                .arg(&events)
+                .arg(0)
+                .arg(-1)
+                .query(c)
+        })?;
+        let log_kept = !exists && lines.is_empty() && self.read_log(id, 0)?.is_some();
+        if exists || (lines.is_empty() && !log_kept) {
+            return Ok(None);
+        }
+        Ok(Some(
+            lines.iter().filter_map(|l| serde_json::from_str(l).ok()).collect(),
+        ))
     }
 
     fn record(&self, id: &JobId, event: &Event) -> Result<()> {

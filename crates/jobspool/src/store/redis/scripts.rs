@@ -103,14 +103,16 @@ end
 "#;
 
 /// ARGV: P, count, then per job: id, body, pkey, delay_ms, max_attempts. All or nothing: when any
-/// id exists (or is repeated), returns `{'exists', id}` and writes nothing.
+/// id exists (or is repeated), returns `{'exists', id}`, or `{'finished', id}` when only a
+/// finished job's log or history holds it, and writes nothing.
 pub const PUSH: &str = r#"
 local t = now()
 local n = tonumber(ARGV[2])
 local seen = {}
 for i = 0, n - 1 do
   local id = ARGV[3 + i * 5]
-  if seen[id] or redis.call('EXISTS', jk(id), P .. ':log:' .. id) > 0 then return {'exists', id} end
+  if seen[id] or redis.call('EXISTS', jk(id)) > 0 then return {'exists', id} end
+  if redis.call('EXISTS', P .. ':log:' .. id, P .. ':events:' .. id) > 0 then return {'finished', id} end
   seen[id] = true
 end
 for i = 0, n - 1 do
@@ -224,11 +226,17 @@ wake()
 return 'dead'
 "#;
 
-/// ARGV: P, id. Removes a job in any state, with its log and history. Returns its state before.
+/// ARGV: P, id. Removes a job in any state, with its log and history. Returns its state before:
+/// 'finished' when only a finished job's log and history were left (removing them frees the id),
+/// '' when nothing was known.
 pub const REMOVE: &str = r#"
 local id = ARGV[2]
 local state = redis.call('HGET', jk(id), 'state')
-if not state then return '' end
+if not state then
+  local n = redis.call('DEL', P .. ':log:' .. id, P .. ':logoff:' .. id, P .. ':events:' .. id)
+  if n > 0 then return 'finished' end
+  return ''
+end
 leave(id, state)
 redis.call('DEL', jk(id), P .. ':log:' .. id, P .. ':logoff:' .. id, P .. ':events:' .. id)
 return state
