@@ -345,3 +345,12 @@ fn a_corrupt_job_in_redis_is_quarantined_with_its_reason_and_never_run() {
     assert_eq!(stdout(&run(&["rm", qs, "mangled"])).trim(), "mangled");
     assert_eq!(stats_of(qs)["quarantined"], 0);
 }
+
+#[test]
+fn an_idle_redis_runner_sleeps_and_wakes_at_once_on_a_push() {
+    let Some(server) = RedisServer::start() else { return };
+    let d = tempfile::tempdir().unwrap();
+    let q = server.url("idle");
+    assert!(run(&["init", &q]).status.success());
+    an_idle_runner_sleeps_and_wakes_at_once(&q, d.path());
+}

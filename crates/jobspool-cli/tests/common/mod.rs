@@ -134,3 +134,73 @@ pub fn wakeups(pid: u32) -> u64 {
     }
     total
 }
+
+/// Live runners registered on a queue, as `status --json` reports them.
+pub fn live_runners(qs: &str) -> usize {
+    let o = run(&["status", qs, "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    v["runners"]
+        .as_array()
+        .map_or(0, |r| r.iter().filter(|r| r["alive"] == true).count())
+}
+
+/// An idle runner on queue `qs` sleeps (few wake-ups, no CPU) and starts a pushed job within
+/// milliseconds; shared by the directory and Redis tests.
+pub fn an_idle_runner_sleeps_and_wakes_at_once(qs: &str, scratch: &Path) {
+    let marker = scratch.join("ran");
+    let script = format!("echo \"$JOBSPOOL_JOB_ID $(date +%s%N)\" >> {}", marker.display());
+    let mut r = spawn(&["run", qs, "-j", "1", "--", "sh", "-c", &script]);
+    wait_for("registration", Duration::from_secs(60), || live_runners(qs) == 1);
+    std::thread::sleep(Duration::from_millis(500));
+    let pid = r.id();
+    let (cpu0, wake0) = (cpu_ticks(pid), wakeups(pid));
+    std::thread::sleep(Duration::from_secs(3));
+    let (cpu1, wake1) = (cpu_ticks(pid), wakeups(pid));
+    eprintln!(
+        "idle for 3s: {} clock ticks of CPU, {} wake-ups",
+        cpu1 - cpu0,
+        wake1 - wake0
+    );
+    // A polling loop, even at 100ms, would wake 30 times here; the runner's tick is 10s.
+    assert!(wake1 - wake0 <= 6, "an idle runner woke {} times in 3s", wake1 - wake0);
+    assert!(
+        cpu1 - cpu0 <= 2,
+        "an idle runner used {} ticks of CPU in 3s",
+        cpu1 - cpu0
+    );
+    // Wake-up latency, push command start to handler start, over 20 pushes each made as soon
+    // as the previous job ran. A runner that polls would be woken by its poll, so each push
+    // would land just after one and wait nearly a whole interval: a median under 500ms fails
+    // any poll interval of a second or more, while an event-driven runner needs milliseconds
+    // (the margin absorbs a loaded machine).
+    let mut latencies_ms: Vec<f64> = Vec::new();
+    for i in 0..20 {
+        let id = format!("w{i}");
+        let pushed = std::time::SystemTime::now();
+        let o = run(&["push", qs, "--id", &id, "--payload", "wake up"]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let mut ran_ns: Option<u128> = None;
+        wait_for("the job to run", Duration::from_secs(60), || {
+            let text = std::fs::read_to_string(&marker).unwrap_or_default();
+            ran_ns = text
+                .lines()
+                .find_map(|l| l.strip_prefix(&format!("{id} ")).and_then(|t| t.trim().parse().ok()));
+            ran_ns.is_some()
+        });
+        let pushed_ns = pushed.duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+        latencies_ms.push(ran_ns.unwrap().saturating_sub(pushed_ns) as f64 / 1e6);
+    }
+    latencies_ms.sort_by(f64::total_cmp);
+    let median = latencies_ms[latencies_ms.len() / 2];
+    eprintln!("wake-up latency (push command start to handler start): median {median:.1}ms, all {latencies_ms:.1?}");
+    assert!(
+        median < 500.0,
+        "median wake-up latency {median:.0}ms: the runner polls instead of waking on a push ({latencies_ms:.0?})"
+    );
+    signal(&r, nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(
+        wait_exit(&mut r, Duration::from_secs(60)).and_then(|s| s.code()),
+        Some(0)
+    );
+}
