@@ -100,6 +100,12 @@ local function held(id, token)
   local h = redis.call('HMGET', jk(id), 'state', 'token')
   return h[1] == 'running' and h[2] == token
 end
+-- Ends a claim, if `token` still holds it: the fencing every ending transition goes through.
+local function unclaim(id, token)
+  if not held(id, token) then return false end
+  redis.call('ZREM', P .. ':running', id)
+  return true
+end
 "#;
 
 /// ARGV: P, count, then per job: id, body, pkey, delay_ms, max_attempts. All or nothing: when any
@@ -159,8 +165,7 @@ return 1
 /// ARGV: P, id, token, retention_ms. The job is done: removed; its log and history expire later.
 pub const ACK: &str = r#"
 local id = ARGV[2]
-if not held(id, ARGV[3]) then return 0 end
-redis.call('ZREM', P .. ':running', id)
+if not unclaim(id, ARGV[3]) then return 0 end
 redis.call('DEL', jk(id))
 for _, k in ipairs({':log:', ':logoff:', ':events:'}) do redis.call('PEXPIRE', P .. k .. id, ARGV[4]) end
 return 1
@@ -169,8 +174,7 @@ return 1
 /// ARGV: P, id, token, delay_ms. Counts the attempt and schedules the next one.
 pub const RETRY: &str = r#"
 local id = ARGV[2]
-if not held(id, ARGV[3]) then return 0 end
-redis.call('ZREM', P .. ':running', id)
+if not unclaim(id, ARGV[3]) then return 0 end
 redis.call('HINCRBY', jk(id), 'attempts', 1)
 local delay = tonumber(ARGV[4])
 local t = now()
@@ -182,9 +186,8 @@ return 1
 /// ARGV: P, id, token, reason. Counts the attempt; the job is dead with the reason.
 pub const BURY: &str = r#"
 local id = ARGV[2]
-if not held(id, ARGV[3]) then return 0 end
 local runner = redis.call('HGET', jk(id), 'runner')
-redis.call('ZREM', P .. ':running', id)
+if not unclaim(id, ARGV[3]) then return 0 end
 local attempts = redis.call('HINCRBY', jk(id), 'attempts', 1)
 to_dead(id, now(), attempts, runner, ARGV[4])
 return 1
@@ -193,8 +196,7 @@ return 1
 /// ARGV: P, id, token. Back to ready without counting an attempt.
 pub const RELEASE: &str = r#"
 local id = ARGV[2]
-if not held(id, ARGV[3]) then return 0 end
-redis.call('ZREM', P .. ':running', id)
+if not unclaim(id, ARGV[3]) then return 0 end
 to_ready(id, now())
 wake()
 return 1
@@ -203,9 +205,8 @@ return 1
 /// ARGV: P, id, token, reason. Sets a claimed job whose body is not valid aside.
 pub const QUARANTINE: &str = r#"
 local id = ARGV[2]
-if not held(id, ARGV[3]) then return 0 end
+if not unclaim(id, ARGV[3]) then return 0 end
 local t = now()
-redis.call('ZREM', P .. ':running', id)
 redis.call('ZADD', P .. ':quarantine', N(t), id)
 redis.call('HSET', jk(id), 'state', 'quarantined', 'since', N(t), 'token', '', 'reason', ARGV[4])
 return 1
