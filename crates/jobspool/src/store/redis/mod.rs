@@ -32,6 +32,9 @@ const ALIVE_WINDOW_MS: u64 = 30_000;
 /// Registrations silent for longer than this are removed by garbage collection.
 const FORGET_RUNNERS_MS: u64 = 3_600_000;
 
+/// Jobs whose fields one pipelined round trip of a listing reads.
+const LIST_CHUNK: usize = 500;
+
 /// Jobs per push script: a batch larger than this is pushed in several atomic parts.
 const PUSH_CHUNK: usize = 1000;
 
@@ -588,25 +591,30 @@ impl Store for RedisStore {
                 State::Dead => "dead",
                 State::Quarantined => "quarantine",
             };
-            let ids = self.ids(zset)?;
-            let expiries: HashMap<String, u64> = if *state == State::Running {
-                let key = self.inner.key("running");
-                let pairs: Vec<(String, f64)> = self.inner.with(|c| {
-                    ::redis::cmd("ZRANGE")
-                        .arg(&key)
-                        .arg(0)
-                        .arg(-1)
-                        .arg("WITHSCORES")
-                        .query(c)
+            // One listing with scores (a running job's score is its lease expiry), then the
+            // jobs' fields in pipelined chunks: a round trip per chunk, not per job.
+            let key = self.inner.key(zset);
+            let scored: Vec<(String, f64)> = self.inner.with(|c| {
+                ::redis::cmd("ZRANGE")
+                    .arg(&key)
+                    .arg(0)
+                    .arg(-1)
+                    .arg("WITHSCORES")
+                    .query(c)
+            })?;
+            for chunk in scored.chunks(LIST_CHUNK) {
+                let fields: Vec<HashMap<String, Vec<u8>>> = self.inner.with(|c| {
+                    let mut p = ::redis::pipe();
+                    for (id, _) in chunk {
+                        p.cmd("HGETALL").arg(self.inner.key(&format!("job:{id}")));
+                    }
+                    p.query(c)
                 })?;
-                pairs.into_iter().map(|(id, s)| (id, s as u64)).collect()
-            } else {
-                HashMap::new()
-            };
-            for id in ids {
-                let f = self.fields(&id)?;
-                if let Some(info) = self.info(&id, &f, expiries.get(&id).copied(), bodies) {
-                    out.push(info);
+                for ((id, score), f) in chunk.iter().zip(&fields) {
+                    let expires = (*state == State::Running).then_some(*score as u64);
+                    if let Some(info) = self.info(id, f, expires, bodies) {
+                        out.push(info);
+                    }
                 }
             }
         }
