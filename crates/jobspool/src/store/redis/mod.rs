@@ -266,6 +266,9 @@ pub struct RedisStore {
     reclaim_max: AtomicU32,
     /// Claims taken back by a claim's own reclaim, reported by the next [`Store::reclaim`].
     reclaimed: Mutex<Vec<Reclaimed>>,
+    /// The request id of a claim that failed: the next claim repeats it, so that a claim the
+    /// server made but could not answer is handed over instead of held until its lease expires.
+    unanswered_claim: Mutex<Option<String>>,
 }
 
 impl RedisStore {
@@ -332,6 +335,7 @@ impl RedisStore {
             runner_id: Mutex::new(None),
             reclaim_max: AtomicU32::new(0),
             reclaimed: Mutex::new(Vec::new()),
+            unanswered_claim: Mutex::new(None),
         })
     }
 
@@ -502,7 +506,22 @@ impl Store for RedisStore {
         };
         let runner = self.my_id();
         loop {
-            let reply: Vec<Value> = self.inner.run(&self.inner.scripts.claim, &[&lease_ms, &runner, &max])?;
+            let request = self
+                .unanswered_claim
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take()
+                .unwrap_or_else(|| crate::store::dir::name::random_hex(16));
+            let reply: Vec<Value> = match self
+                .inner
+                .run(&self.inner.scripts.claim, &[&lease_ms, &runner, &max, &request])
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    *self.unanswered_claim.lock().unwrap_or_else(|e| e.into_inner()) = Some(request);
+                    return Err(e);
+                }
+            };
             let (Some(found), Some(Value::Array(reclaimed))) = (reply.first().and_then(int), reply.get(1)) else {
                 return Err(self.unexpected("claim", &reply));
             };

@@ -18,6 +18,7 @@
 //! - `P:events:ID` — LIST of JSON history events; `P:log:ID` — the log (its head trimmed past the
 //!   cap, `P:logoff:ID` counting the bytes trimmed, so offsets stay stable);
 //! - `P:runners` — HASH runner id → "HEARTBEAT_MS STATUS_JSON";
+//! - `P:claimreq:REQ` — "ID TOKEN" of the claim made for request REQ, kept a while (see `CLAIM`);
 //! - `P:wake` — the pub/sub channel a push, retry, release or revive publishes on.
 
 /// Helpers shared by every script. Numbers are formatted with `%.0f`: Lua's default formatting
@@ -132,11 +133,25 @@ wake()
 return {'ok'}
 "#;
 
-/// ARGV: P, lease_ms, runner, max_attempts (for reclaim). Promotes due scheduled jobs, reclaims
-/// expired leases, then claims the best ready job: `{1, reclaimed, id, token, attempt, body}` or
-/// `{0, reclaimed}`.
+/// ARGV: P, lease_ms, runner, max_attempts (for reclaim), request id. Promotes due scheduled
+/// jobs, reclaims expired leases, then claims the best ready job: `{1, reclaimed, id, token,
+/// attempt, body}` or `{0, reclaimed}`.
+///
+/// A claim whose answer was lost (the connection dropped after the server ran it) would hold
+/// its job, unknown to anyone, until the lease expired. So each claim is remembered under its
+/// request id for a while, and a caller that repeats a request id whose answer it never got is
+/// given that same claim back, as long as it still holds.
 pub const CLAIM: &str = r#"
 local t = now()
+local req = P .. ':claimreq:' .. ARGV[5]
+local prev = redis.call('GET', req)
+if prev then
+  local id, token = string.match(prev, '^(.-) (.*)$')
+  if id and held(id, token) then
+    local attempts = tonumber(redis.call('HGET', jk(id), 'attempts'))
+    return {1, {}, id, token, attempts + 1, redis.call('HGET', jk(id), 'body')}
+  end
+end
 promote(t)
 local reclaimed = reclaim(t, tonumber(ARGV[4]), 100)
 local id = redis.call('ZRANGE', P .. ':ready', 0, 0)[1]
@@ -146,6 +161,7 @@ local token = redis.call('INCR', P .. ':seq') .. '@' .. P
 local attempts = tonumber(redis.call('HGET', jk(id), 'attempts'))
 redis.call('HSET', jk(id), 'state', 'running', 'since', N(t), 'token', token, 'runner', ARGV[3], 'lease_ms', ARGV[2])
 redis.call('ZADD', P .. ':running', N(t + tonumber(ARGV[2])), id)
+redis.call('SET', req, id .. ' ' .. token, 'PX', N(math.max(60000, 2 * tonumber(ARGV[2]))))
 return {1, reclaimed, id, token, attempts + 1, redis.call('HGET', jk(id), 'body')}
 "#;
 
