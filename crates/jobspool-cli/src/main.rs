@@ -12,9 +12,10 @@
 //!
 //! `check` follows the monitoring-plugin convention instead (0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN).
 
+#[macro_use]
+mod output;
 mod cli;
 mod cmd;
-mod output;
 
 use std::process::ExitCode;
 
