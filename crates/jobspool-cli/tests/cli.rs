@@ -325,3 +325,17 @@ fn a_reader_that_goes_away_ends_output_quietly_with_exit_0() {
         assert_eq!(stderr(&o), "", "{args:?}");
     }
 }
+
+#[test]
+fn a_queue_of_an_unsupported_layout_version_says_so() {
+    let (_d, q) = queue();
+    std::fs::write(q.join("jobspool.toml"), "version = 2\nshards = 4\n").unwrap();
+    let o = run(&["ls", q.to_str().unwrap()]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("unsupported queue layout version 2 (this jobspool reads 1)"),
+        "{err}"
+    );
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+}
