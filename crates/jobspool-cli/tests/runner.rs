@@ -723,3 +723,16 @@ fn logs_follow_a_job_until_it_ends_and_status_lists_runners() {
         "a killed runner's entry is recognised as gone: {status}"
     );
 }
+
+#[test]
+fn run_drain_with_nothing_to_do_still_makes_its_first_upkeep_pass() {
+    let (_d, q) = queue();
+    let qs = q_str(&q);
+    std::fs::write(q.join("running/not-a-lease"), "stray").unwrap();
+    std::fs::write(q.join("dead/not-a-job"), "stray").unwrap();
+    let o = run(&["run", qs, "--drain", "--", "true"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(count(&q, "running"), 0, "stray file left in running/");
+    assert_eq!(count(&q, "dead"), 0, "stray file left in dead/");
+    assert_eq!(count(&q, "quarantine"), 2);
+}
