@@ -560,6 +560,8 @@ fn check_speaks_the_monitoring_plugin_convention() {
         "{}",
         stdout(&o)
     );
+    // Nagios range syntax: "1:" means critical below 1.
+    assert!(stdout(&o).trim_end().ends_with(" runners=0;;1:;0"), "{}", stdout(&o));
 
     push(&q, &["--max-attempts", "1", "--payload", "x"]);
     assert_eq!(run(&["run", qs, "--drain", "--", "false"]).status.code(), Some(1));
@@ -579,6 +581,31 @@ fn check_speaks_the_monitoring_plugin_convention() {
     let o = run(&["check", "/nonexistent/queue"]);
     assert_eq!(o.status.code(), Some(3));
     assert!(stdout(&o).starts_with("JOBSPOOL UNKNOWN - "), "{}", stdout(&o));
+}
+
+#[test]
+fn check_usage_errors_are_unknown_on_one_line() {
+    let (_d, q) = queue();
+    let qs = q_str(&q);
+    for (args, needle) in [
+        (vec!["check", qs, "--warn-age", "soon"], "invalid duration"),
+        (vec!["check", qs, "--crit-dead", "many"], "--crit-dead"),
+        (vec!["check", qs, "--no-such-flag"], "--no-such-flag"),
+        (vec!["check"], "<QUEUE>"),
+        (vec!["-q", "check", qs, "--min-runners", "-1"], "-1"),
+    ] {
+        let o = run(&args);
+        let out = stdout(&o);
+        assert_eq!(o.status.code(), Some(3), "{args:?}: {out} {}", stderr(&o));
+        assert!(out.starts_with("JOBSPOOL UNKNOWN - "), "{args:?}: {out}");
+        assert!(out.contains(needle), "{args:?}: {out}");
+        assert_eq!(out.lines().count(), 1, "{args:?}: {out}");
+    }
+    // Other commands keep the usage exit code; help is still help.
+    assert_eq!(run(&["ls", qs, "--no-such-flag"]).status.code(), Some(2));
+    let o = run(&["check", "--help"]);
+    assert_eq!(o.status.code(), Some(0));
+    assert!(stdout(&o).contains("Nagios"), "{}", stdout(&o));
 }
 
 #[test]

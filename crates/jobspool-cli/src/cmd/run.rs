@@ -178,8 +178,9 @@ fn check_status(a: &CheckArgs) -> Result<(Level, String)> {
         ms(a.warn_age),
         ms(a.crit_age),
         live,
+        // Nagios range syntax: `N:` alerts when the value is below N.
         if a.min_runners > 0 {
-            a.min_runners.to_string()
+            format!("{}:", a.min_runners)
         } else {
             String::new()
         },
