@@ -339,3 +339,20 @@ fn a_queue_of_an_unsupported_layout_version_says_so() {
     );
     assert_eq!(err.trim_end().lines().count(), 1, "{err}");
 }
+
+#[test]
+fn logs_follow_of_an_unknown_job_is_the_same_error_as_without() {
+    let (_d, q) = queue();
+    let qs = q.to_str().unwrap();
+    for args in [vec!["logs", qs, "nope"], vec!["logs", qs, "nope", "-f"]] {
+        let o = cmd(&args).output().unwrap();
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains("no job nope"), "{args:?}: {err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: {err}");
+    }
+    // A job that has not run yet has no log: nothing to print, no error.
+    push(&q, &["--id", "waiting", "--payload", "x"]);
+    let o = run(&["logs", qs, "waiting"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+}

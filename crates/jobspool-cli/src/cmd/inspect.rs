@@ -298,6 +298,23 @@ pub fn status(queue: &str, json: bool) -> Result<u8> {
 pub fn logs(queue: &str, id: &str, follow: bool) -> Result<u8> {
     let store = open(queue)?;
     let jid = JobId::new(id.to_string())?;
+    // No log yet: an unknown job is the same error with or without --follow; a job that has not
+    // run yet has nothing to print (or, followed, will have).
+    if store.read_log(&jid, 0)?.is_none() {
+        match store.get(id) {
+            Ok(_) => {}
+            Err(e @ Error::NotFound { .. }) => {
+                return match store.finished(&jid)? {
+                    Some(_) => Ok(0),
+                    None => Err(e),
+                };
+            }
+            Err(e) => return Err(e),
+        }
+        if !follow {
+            return Ok(0);
+        }
+    }
     let mut offset = 0u64;
     let mut quiet_for = Duration::ZERO;
     loop {
@@ -307,13 +324,7 @@ pub fn logs(queue: &str, id: &str, follow: bool) -> Result<u8> {
                 crate::output::out(&bytes, false)?;
                 quiet_for = Duration::ZERO;
             }
-            Some(_) => {}
-            None if !follow => {
-                // No log yet: say whether the job exists at all.
-                store.get(id)?;
-                return Ok(0);
-            }
-            None => {}
+            Some(_) | None => {}
         }
         if !follow {
             return Ok(0);
