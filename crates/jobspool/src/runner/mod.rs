@@ -910,6 +910,10 @@ async fn supervise_command(
             }
         }
     }
+    // Kill what the handler left in its group *before* the guardian forgets the group: were the
+    // runner killed between the two, nobody would kill the leftovers. (The group leader is not
+    // reaped yet, so its group id cannot have been reused.)
+    handler.signal_group(nix::sys::signal::Signal::SIGKILL);
     sh.reaper
         .lock()
         .unwrap_or_else(|e| e.into_inner())
