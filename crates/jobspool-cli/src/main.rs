@@ -72,7 +72,10 @@ fn usage_error(e: clap::Error) -> ExitCode {
         .collect();
     let what = what.join(" ");
     let what = what.strip_prefix("error: ").unwrap_or(&what);
-    println!("JOBSPOOL UNKNOWN - {what} (see jobspool check --help)");
+    let _ = output::out(
+        format!("JOBSPOOL UNKNOWN - {what} (see jobspool check --help)").as_bytes(),
+        true,
+    );
     ExitCode::from(3)
 }
 
