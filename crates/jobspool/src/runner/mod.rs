@@ -800,12 +800,11 @@ async fn supervise_command(
         stdin,
         stdout,
         stderr,
+        // The handler registers its group with the guardian itself, before exec.
+        guardian: sh.reaper.lock().unwrap_or_else(|e| e.into_inner()).fd(),
     });
     let mut handler = match spawned {
-        Ok(h) => {
-            sh.reaper.lock().unwrap_or_else(|e| e.into_inner()).watch(h.pid());
-            h
-        }
+        Ok(h) => h,
         Err(e) => {
             let program = argv[0].to_string_lossy().into_owned();
             return (Ended::SpawnFailed(format!("{program}: {e}")), log);
