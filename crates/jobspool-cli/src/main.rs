@@ -12,16 +12,21 @@
 //!
 //! `check` follows the monitoring-plugin convention instead (0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN).
 
+#[macro_use]
+mod output;
 mod cli;
 mod cmd;
-mod output;
 
 use std::process::ExitCode;
 
 use clap::Parser;
+use clap::error::ErrorKind;
 
 fn main() -> ExitCode {
-    let args = cli::Cli::parse();
+    let args = match cli::Cli::try_parse() {
+        Ok(args) => args,
+        Err(e) => return usage_error(e),
+    };
     output::init_tracing(args.verbose, args.quiet);
     match cmd::dispatch(args.command) {
         Ok(code) => ExitCode::from(code),
@@ -45,4 +50,40 @@ fn exit_code(e: &jobspool::Error) -> u8 {
         | LeaseLost { .. } => 2,
         _ => 3,
     }
+}
+
+/// A command line that does not parse: clap's message and exit 2 — except for `check`, whose
+/// caller is a monitoring system that reads one status line and treats any exit code but 0 to 3
+/// as a broken plugin. There a usage error is UNKNOWN (exit 3), on one line.
+fn usage_error(e: clap::Error) -> ExitCode {
+    let asks_for_help = matches!(
+        e.kind(),
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    );
+    if asks_for_help || !invokes_check() {
+        e.exit();
+    }
+    let text = e.to_string();
+    let what: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
+        .filter(|l| !l.is_empty() && !l.starts_with("tip:"))
+        .collect();
+    let what = what.join(" ");
+    let what = what.strip_prefix("error: ").unwrap_or(&what);
+    let _ = output::out(
+        format!("JOBSPOOL UNKNOWN - {what} (see jobspool check --help)").as_bytes(),
+        true,
+    );
+    ExitCode::from(3)
+}
+
+/// Whether the command line names the `check` subcommand (its first word that is not a global
+/// flag; the global flags take no values).
+fn invokes_check() -> bool {
+    std::env::args_os()
+        .skip(1)
+        .find(|a| !a.as_encoded_bytes().starts_with(b"-"))
+        .is_some_and(|a| a == "check")
 }

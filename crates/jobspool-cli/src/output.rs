@@ -1,6 +1,6 @@
 //! Formatting for people: log setup, ages, previews, tables.
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 
 use jobspool::job::{Job, Millis};
 
@@ -21,6 +21,37 @@ pub fn init_tracing(verbose: u8, quiet: bool) {
         .with_ansi(std::io::stderr().is_terminal())
         .with_target(false)
         .init();
+}
+
+/// Writes a line to standard output (see [`out`]).
+macro_rules! say {
+    ($($arg:tt)*) => {
+        $crate::output::out(format!($($arg)*).as_bytes(), true)
+    };
+}
+
+/// Writes text to standard output without adding a newline (see [`out`]).
+macro_rules! say_raw {
+    ($($arg:tt)*) => {
+        $crate::output::out(format!($($arg)*).as_bytes(), false)
+    };
+}
+
+/// Writes bytes (and a newline, with `line`) to standard output and flushes them. When the reader
+/// has gone away (EPIPE, as in `jobspool show Q ID --payload | head -c1`), nobody is left to read
+/// anything more: the command ends at once, quietly, with exit 0 — what it did is done. Any
+/// other write error is reported.
+pub fn out(bytes: &[u8], line: bool) -> jobspool::Result<()> {
+    let mut stdout = std::io::stdout().lock();
+    let written = stdout
+        .write_all(bytes)
+        .and_then(|()| if line { stdout.write_all(b"\n") } else { Ok(()) })
+        .and_then(|()| stdout.flush());
+    match written {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
+        Err(e) => Err(jobspool::Error::io("<stdout>", "writing", e)),
+    }
 }
 
 /// A duration in milliseconds as a short human figure: `850ms`, `42s`, `5m`, `3h`, `2d`.

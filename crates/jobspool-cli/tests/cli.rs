@@ -150,7 +150,11 @@ fn bad_input_gets_one_clear_line_and_a_non_zero_exit() {
             2,
             "invalid duration",
         ),
-        (vec!["push", qs, "--payload-file", "/no/such/file"], 3, "/no/such/file"),
+        (
+            vec!["push", qs, "--payload-file", "/no/such/file"],
+            2,
+            "/no/such/file: cannot read the payload file",
+        ),
         (vec!["show", qs, "nope"], 2, "no job nope"),
         (vec!["retry", qs, "nope"], 2, "no job nope"),
         (vec!["ls", "/no/such/queue"], 2, "jobspool init /no/such/queue"),
@@ -273,4 +277,82 @@ fn run_refuses_a_lease_timeout_or_attempt_limit_out_of_range_and_claims_nothing(
         (Some(1), Some(0)),
         "{s}"
     );
+}
+
+#[test]
+fn an_unreadable_payload_file_is_bad_input_and_creates_no_queue() {
+    let d = tempfile::tempdir().unwrap();
+    let q = d.path().join("never-created");
+    let qs = q.to_str().unwrap();
+    let dir = d.path().to_str().unwrap().to_string();
+    for file in ["/no/such/file", dir.as_str()] {
+        let o = run(&["push", qs, "--payload-file", file]);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(2), "{file}: {err}");
+        assert!(err.contains(&format!("{file}: cannot read the payload file")), "{err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+        assert!(!q.exists(), "a failed push created the queue");
+    }
+}
+
+/// Runs a command whose reader goes away at once (like `| head -c1`).
+fn with_closed_stdout(args: &[&str]) -> std::process::Output {
+    let mut child = cmd(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    drop(child.stdout.take());
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn a_reader_that_goes_away_ends_output_quietly_with_exit_0() {
+    let (_d, q) = queue();
+    let qs = q.to_str().unwrap();
+    // Each output is far larger than a pipe's buffer, so it is written after the reader left.
+    let big = "x".repeat(1 << 20);
+    let o = with_stdin(&["push", qs, "--id", "big"], big.as_bytes());
+    assert!(o.status.success(), "{}", stderr(&o));
+    std::fs::write(q.join("logs/big.log"), &big).unwrap();
+    let lines: String = (0..3000).map(|i| format!("job {i}\n")).collect();
+    let o = with_stdin(&["push", qs, "--batch"], lines.as_bytes());
+    assert!(o.status.success(), "{}", stderr(&o));
+    for args in [
+        vec!["show", qs, "big", "--payload"],
+        vec!["logs", qs, "big"],
+        vec!["ls", qs],
+        vec!["ls", qs, "--json"],
+    ] {
+        let o = with_closed_stdout(&args);
+        assert_eq!(o.status.code(), Some(0), "{args:?}: {}", stderr(&o));
+        assert_eq!(stderr(&o), "", "{args:?}");
+    }
+}
+
+#[test]
+fn a_queue_of_an_unsupported_layout_version_says_so() {
+    let (_d, q) = queue();
+    std::fs::write(q.join("jobspool.toml"), "version = 2\nshards = 4\n").unwrap();
+    let o = run(&["ls", q.to_str().unwrap()]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("unsupported queue layout version 2 (this jobspool reads 1)"),
+        "{err}"
+    );
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+}
+
+#[test]
+fn logs_follow_of_an_unknown_job_is_the_same_error_as_without() {
+    let (_d, q) = queue();
+    let qs = q.to_str().unwrap();
+    for args in [vec!["logs", qs, "nope"], vec!["logs", qs, "nope", "-f"]] {
+        let o = cmd(&args).output().unwrap();
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains("no job nope"), "{args:?}: {err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: {err}");
+    }
+    // A job that has not run yet has no log: nothing to print, no error.
+    push(&q, &["--id", "waiting", "--payload", "x"]);
+    let o = run(&["logs", qs, "waiting"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
 }

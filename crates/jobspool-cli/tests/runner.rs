@@ -509,6 +509,8 @@ fn check_speaks_the_monitoring_plugin_convention() {
         "{}",
         stdout(&o)
     );
+    // Nagios range syntax: "1:" means critical below 1.
+    assert!(stdout(&o).trim_end().ends_with(" runners=0;;1:;0"), "{}", stdout(&o));
 
     push(&q, &["--max-attempts", "1", "--payload", "x"]);
     assert_eq!(run(&["run", qs, "--drain", "--", "false"]).status.code(), Some(1));
@@ -528,6 +530,31 @@ fn check_speaks_the_monitoring_plugin_convention() {
     let o = run(&["check", "/nonexistent/queue"]);
     assert_eq!(o.status.code(), Some(3));
     assert!(stdout(&o).starts_with("JOBSPOOL UNKNOWN - "), "{}", stdout(&o));
+}
+
+#[test]
+fn check_usage_errors_are_unknown_on_one_line() {
+    let (_d, q) = queue();
+    let qs = q_str(&q);
+    for (args, needle) in [
+        (vec!["check", qs, "--warn-age", "soon"], "invalid duration"),
+        (vec!["check", qs, "--crit-dead", "many"], "--crit-dead"),
+        (vec!["check", qs, "--no-such-flag"], "--no-such-flag"),
+        (vec!["check"], "<QUEUE>"),
+        (vec!["-q", "check", qs, "--min-runners", "-1"], "-1"),
+    ] {
+        let o = run(&args);
+        let out = stdout(&o);
+        assert_eq!(o.status.code(), Some(3), "{args:?}: {out} {}", stderr(&o));
+        assert!(out.starts_with("JOBSPOOL UNKNOWN - "), "{args:?}: {out}");
+        assert!(out.contains(needle), "{args:?}: {out}");
+        assert_eq!(out.lines().count(), 1, "{args:?}: {out}");
+    }
+    // Other commands keep the usage exit code; help is still help.
+    assert_eq!(run(&["ls", qs, "--no-such-flag"]).status.code(), Some(2));
+    let o = run(&["check", "--help"]);
+    assert_eq!(o.status.code(), Some(0));
+    assert!(stdout(&o).contains("Nagios"), "{}", stdout(&o));
 }
 
 #[test]
@@ -671,4 +698,17 @@ fn logs_follow_a_job_until_it_ends_and_status_lists_runners() {
         status["runners"][0]["alive"], false,
         "a killed runner's entry is recognised as gone: {status}"
     );
+}
+
+#[test]
+fn run_drain_with_nothing_to_do_still_makes_its_first_upkeep_pass() {
+    let (_d, q) = queue();
+    let qs = q_str(&q);
+    std::fs::write(q.join("running/not-a-lease"), "stray").unwrap();
+    std::fs::write(q.join("dead/not-a-job"), "stray").unwrap();
+    let o = run(&["run", qs, "--drain", "--", "true"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(count(&q, "running"), 0, "stray file left in running/");
+    assert_eq!(count(&q, "dead"), 0, "stray file left in dead/");
+    assert_eq!(count(&q, "quarantine"), 2);
 }

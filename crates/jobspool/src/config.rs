@@ -135,6 +135,17 @@ impl Default for QueueConfig {
 impl QueueConfig {
     /// Parses and checks a configuration file's text.
     pub fn parse(text: &str) -> std::result::Result<QueueConfig, String> {
+        // The version first: a layout this build does not know may lack the fields it expects,
+        // and "missing field mode" would hide the real reason.
+        #[derive(Deserialize)]
+        struct Version {
+            version: Option<toml::Value>,
+        }
+        if let Ok(Version { version: Some(v) }) = toml::from_str::<Version>(text) {
+            if v.as_integer() != Some(1) {
+                return Err(format!("unsupported queue layout version {v} (this jobspool reads 1)"));
+            }
+        }
         let cfg: QueueConfig = toml::from_str(text).map_err(|e| e.message().to_string())?;
         if cfg.version != 1 {
             return Err(format!(
@@ -262,6 +273,20 @@ mod tests {
         assert!(QueueConfig::parse(&good.replace("lease = \"30s\"", "lease = \"forever\"")).is_err());
         assert!(QueueConfig::parse(&format!("{good}\nsurprise = 1\n")).is_err());
         assert!(QueueConfig::parse("").is_err());
+    }
+
+    #[test]
+    fn an_unsupported_layout_version_is_named_before_missing_fields() {
+        let future = "version = 2\nsomething = \"new\"\n";
+        assert_eq!(
+            QueueConfig::parse(future).unwrap_err(),
+            "unsupported queue layout version 2 (this jobspool reads 1)"
+        );
+        let good = QueueConfig::default().to_toml();
+        assert_eq!(
+            QueueConfig::parse(&good.replace("version = 1", "version = 9")).unwrap_err(),
+            "unsupported queue layout version 9 (this jobspool reads 1)"
+        );
     }
 
     #[test]

@@ -9,7 +9,7 @@ pub fn retry(queue: &str, ids: &[String], all: bool) -> Result<u8> {
     if all {
         let revived = store.revive_all()?;
         for id in &revived {
-            println!("{id}");
+            say!("{id}")?;
         }
         eprintln!("jobspool: {} dead job(s) sent back to ready", revived.len());
         return Ok(0);
@@ -18,7 +18,7 @@ pub fn retry(queue: &str, ids: &[String], all: bool) -> Result<u8> {
     for id in ids {
         let id = JobId::new(id.clone())?;
         match store.revive(&id) {
-            Ok(()) => println!("{id}"),
+            Ok(()) => say!("{id}")?,
             // Retrying a job that is no longer dead is harmless: say so and go on.
             Err(Error::WrongState { state, .. }) => eprintln!("jobspool: {id} is {state}, not dead; left as it is"),
             Err(e @ Error::NotFound { .. }) => {
@@ -38,12 +38,12 @@ pub fn rm(queue: &str, ids: &[String]) -> Result<u8> {
         match store.remove(id) {
             Ok(Some(State::Running)) => {
                 eprintln!("jobspool: {id} was running; its runner stops it at its next heartbeat");
-                println!("{id}");
+                say!("{id}")?;
             }
-            Ok(Some(_)) => println!("{id}"),
+            Ok(Some(_)) => say!("{id}")?,
             Ok(None) => {
                 eprintln!("jobspool: {id}: finished job's log and history removed; the id can be pushed again");
-                println!("{id}");
+                say!("{id}")?;
             }
             Err(e @ Error::NotFound { .. }) => {
                 eprintln!("jobspool: {e}");
@@ -59,11 +59,11 @@ pub fn doctor(queue: &str) -> Result<u8> {
     let store = open(queue)?;
     let problems = store.doctor()?;
     if problems.is_empty() {
-        println!("{queue}: no problems found");
+        say!("{queue}: no problems found")?;
         return Ok(0);
     }
     for p in &problems {
-        println!("{p}");
+        say!("{p}")?;
     }
     Ok(1)
 }

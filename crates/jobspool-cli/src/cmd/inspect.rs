@@ -1,6 +1,5 @@
 //! Commands that look: ls, show, stats, status, logs.
 
-use std::io::Write;
 use std::time::Duration;
 
 use jobspool::job::{format_ms, now_ms};
@@ -30,10 +29,9 @@ pub fn ls(queue: &str, state: StateFilter, json: bool) -> Result<u8> {
     let store = open(queue)?;
     let jobs = store.list(&state.states(), true)?;
     let now = now_ms();
-    let mut out = std::io::stdout().lock();
     if json {
         for info in &jobs {
-            let _ = writeln!(out, "{}", info_json(info, now));
+            say!("{}", info_json(info, now))?;
         }
         return Ok(0);
     }
@@ -53,13 +51,14 @@ pub fn ls(queue: &str, state: StateFilter, json: bool) -> Result<u8> {
             ]
         })
         .collect();
-    let _ = out.write_all(
+    crate::output::out(
         table(
             &["ID", "STATE", "ATTEMPTS", "AGE", "PRIORITY", "COMMAND/PAYLOAD"],
             &rows,
         )
         .as_bytes(),
-    );
+        false,
+    )?;
     Ok(0)
 }
 
@@ -83,26 +82,26 @@ fn detail_json(d: &Detail, now: u64) -> Value {
     v
 }
 
-fn print_history(out: &mut impl Write, history: &[Event]) {
+fn print_history(history: &[Event]) -> Result<()> {
     if history.is_empty() {
-        return;
+        return Ok(());
     }
-    let _ = writeln!(out, "history:");
+    say!("history:")?;
     for e in history {
         let kind = serde_json::to_value(e.kind)
             .ok()
             .and_then(|v| v.as_str().map(str::to_string))
             .unwrap_or_default();
-        let _ = writeln!(
-            out,
+        say!(
             "  {}  {:<10} attempt {}{}{}",
             format_ms(e.at),
             kind,
             e.attempt,
             e.runner.as_deref().map(|r| format!("  runner {r}")).unwrap_or_default(),
             e.detail.as_deref().map(|d| format!("  {d}")).unwrap_or_default()
-        );
+        )?;
     }
+    Ok(())
 }
 
 /// `show` of a job that finished: it is gone from the queue, but its log and history are kept
@@ -113,7 +112,6 @@ fn show_finished(queue: &str, id: &str, history: &[Event], json: bool, payload: 
             "job {id} finished; its payload is no longer kept (only its log and history are)"
         )));
     }
-    let mut out = std::io::stdout().lock();
     if json {
         let v = json!({
             "id": id,
@@ -121,30 +119,22 @@ fn show_finished(queue: &str, id: &str, history: &[Event], json: bool, payload: 
             "finished": history.iter().rev().find(|e| e.kind == EventKind::Done).map(|e| e.at),
             "history": history,
         });
-        let _ = writeln!(out, "{v}");
+        say!("{v}")?;
         return Ok(0);
     }
-    let _ = writeln!(out, "{:<14}{id}", "id:");
-    let _ = writeln!(
-        out,
+    say!("{:<14}{id}", "id:")?;
+    say!(
         "{:<14}done (finished; `jobspool logs {queue} {id}` shows its log)",
         "state:"
-    );
+    )?;
     if let Some(e) = history.iter().rev().find(|e| e.kind == EventKind::Done) {
-        let _ = writeln!(
-            out,
-            "{:<14}{} ({})",
-            "finished at:",
-            format_ms(e.at),
-            age(e.at, now_ms())
-        );
+        say!("{:<14}{} ({})", "finished at:", format_ms(e.at), age(e.at, now_ms()))?;
     }
-    let _ = writeln!(
-        out,
+    say!(
         "{:<14}its log and history keep the id reserved until collected; `jobspool rm {queue} {id}` frees it",
         "note:"
-    );
-    print_history(&mut out, history);
+    )?;
+    print_history(history)?;
     Ok(0)
 }
 
@@ -165,18 +155,16 @@ pub fn show(queue: &str, id: &str, json: bool, payload: bool) -> Result<u8> {
         Err(e) => return Err(e),
     };
     let now = now_ms();
-    let mut out = std::io::stdout().lock();
     if payload {
         let job = d
             .job
             .as_ref()
             .ok_or_else(|| Error::Invalid(format!("{id} has no readable payload")))?;
-        out.write_all(&job.payload)
-            .map_err(|e| Error::io("<stdout>", "writing", e))?;
+        crate::output::out(&job.payload, false)?;
         return Ok(0);
     }
     if json {
-        let _ = writeln!(out, "{}", detail_json(&d, now));
+        say!("{}", detail_json(&d, now))?;
         return Ok(0);
     }
     let i = &d.info;
@@ -220,9 +208,9 @@ pub fn show(queue: &str, id: &str, json: bool, payload: bool) -> Result<u8> {
         lines.push(("dead reason", r.to_string()));
     }
     for (k, v) in lines {
-        let _ = writeln!(out, "{:<14}{v}", format!("{k}:"));
+        say!("{:<14}{v}", format!("{k}:"))?;
     }
-    print_history(&mut out, &d.history);
+    print_history(&d.history)?;
     Ok(0)
 }
 
@@ -242,19 +230,19 @@ pub fn stats(queue: &str, json: bool) -> Result<u8> {
     let s = store.stats()?;
     let now = now_ms();
     if json {
-        println!("{}", stats_json(&s, now));
+        say!("{}", stats_json(&s, now))?;
         return Ok(0);
     }
-    println!("ready        {}", s.ready);
-    println!("scheduled    {}", s.scheduled);
-    println!("running      {}", s.running);
-    println!("dead         {}", s.dead);
-    println!("quarantined  {}", s.quarantined);
-    println!(
+    say!("ready        {}", s.ready)?;
+    say!("scheduled    {}", s.scheduled)?;
+    say!("running      {}", s.running)?;
+    say!("dead         {}", s.dead)?;
+    say!("quarantined  {}", s.quarantined)?;
+    say!(
         "oldest ready {}",
         s.oldest_ready
             .map_or("-".to_string(), |t| short_duration(now.saturating_sub(t)))
-    );
+    )?;
     Ok(0)
 }
 
@@ -266,11 +254,11 @@ pub fn status(queue: &str, json: bool) -> Result<u8> {
     if json {
         let mut v = stats_json(&s, now);
         v["runners"] = json!(runners);
-        println!("{v}");
+        say!("{v}")?;
         return Ok(0);
     }
     stats(queue, false)?;
-    println!();
+    say!("")?;
     let rows: Vec<Vec<String>> = runners
         .iter()
         .map(|r| {
@@ -287,7 +275,7 @@ pub fn status(queue: &str, json: bool) -> Result<u8> {
             ]
         })
         .collect();
-    print!(
+    say_raw!(
         "{}",
         table(
             &[
@@ -303,31 +291,40 @@ pub fn status(queue: &str, json: bool) -> Result<u8> {
             ],
             &rows
         )
-    );
+    )?;
     Ok(0)
 }
 
 pub fn logs(queue: &str, id: &str, follow: bool) -> Result<u8> {
     let store = open(queue)?;
     let jid = JobId::new(id.to_string())?;
+    // No log yet: an unknown job is the same error with or without --follow; a job that has not
+    // run yet has nothing to print (or, followed, will have).
+    if store.read_log(&jid, 0)?.is_none() {
+        match store.get(id) {
+            Ok(_) => {}
+            Err(e @ Error::NotFound { .. }) => {
+                return match store.finished(&jid)? {
+                    Some(_) => Ok(0),
+                    None => Err(e),
+                };
+            }
+            Err(e) => return Err(e),
+        }
+        if !follow {
+            return Ok(0);
+        }
+    }
     let mut offset = 0u64;
-    let mut out = std::io::stdout().lock();
     let mut quiet_for = Duration::ZERO;
     loop {
         match store.read_log(&jid, offset)? {
             Some(bytes) if !bytes.is_empty() => {
                 offset += bytes.len() as u64;
-                out.write_all(&bytes).map_err(|e| Error::io("<stdout>", "writing", e))?;
-                let _ = out.flush();
+                crate::output::out(&bytes, false)?;
                 quiet_for = Duration::ZERO;
             }
-            Some(_) => {}
-            None if !follow => {
-                // No log yet: say whether the job exists at all.
-                store.get(id)?;
-                return Ok(0);
-            }
-            None => {}
+            Some(_) | None => {}
         }
         if !follow {
             return Ok(0);

@@ -1,6 +1,6 @@
 //! Commands that create queues and jobs.
 
-use std::io::{IsTerminal, Read, Write};
+use std::io::{IsTerminal, Read};
 
 use jobspool::store::dir::{DirStore, InitOptions, init as init_dir};
 use jobspool::store::redis::{self, RedisStore};
@@ -16,15 +16,15 @@ pub fn init(queue: &str, group: Option<String>, mode: Option<u32>) -> Result<u8>
             )));
         }
         let store = RedisStore::init(queue, QueueConfig::default(), false)?;
-        println!("{queue}: ready");
+        say!("{queue}: ready")?;
         Box::new(store)
     } else {
         let cfg = init_dir(std::path::Path::new(queue), &InitOptions { group, mode })?;
-        println!(
+        say!(
             "{queue}: ready (file mode {:04o}{})",
             cfg.mode,
             cfg.group.as_deref().map(|g| format!(", group {g}")).unwrap_or_default()
-        );
+        )?;
         Box::new(DirStore::open(queue, false)?)
     };
     let problems = store.doctor()?;
@@ -63,8 +63,8 @@ fn read_stdin() -> Result<Vec<u8>> {
 
 pub fn push(args: PushArgs) -> Result<u8> {
     let template = template(&args)?;
-    let store = jobspool::store::open(&args.queue, true)?;
-    let mut out = std::io::stdout().lock();
+    // Everything the push needs from the caller is read before the queue is opened (or created),
+    // so that bad input leaves nothing behind.
     if args.batch {
         if std::io::stdin().is_terminal() {
             return Err(Error::Invalid(
@@ -83,15 +83,21 @@ pub fn push(args: PushArgs) -> Result<u8> {
                 ..template.clone()
             })
             .collect();
+        let store = jobspool::store::open(&args.queue, true)?;
         let ids = store.push_batch(&jobs)?;
         for id in ids {
-            let _ = writeln!(out, "{id}");
+            say!("{id}")?;
         }
         return Ok(0);
     }
     let payload = match (&args.payload, &args.payload_file) {
         (Some(p), _) => p.clone().into_bytes(),
-        (None, Some(path)) => std::fs::read(path).map_err(|e| Error::io(path, "reading the payload file", e))?,
+        (None, Some(path)) => std::fs::read(path).map_err(|e| {
+            Error::Invalid(format!(
+                "{}: cannot read the payload file: {e}; give a readable file to --payload-file",
+                path.display()
+            ))
+        })?,
         (None, None) if !std::io::stdin().is_terminal() => read_stdin()?,
         (None, None) => Vec::new(),
     };
@@ -99,7 +105,9 @@ pub fn push(args: PushArgs) -> Result<u8> {
     if let Some(id) = &args.id {
         job.id = Some(JobId::new(id.clone())?);
     }
+    job.validate()?;
+    let store = jobspool::store::open(&args.queue, true)?;
     let id = store.push(&job)?;
-    let _ = writeln!(out, "{id}");
+    say!("{id}")?;
     Ok(0)
 }

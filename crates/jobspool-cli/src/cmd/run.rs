@@ -44,23 +44,23 @@ pub fn wait(queue: &str, timeout: Option<Duration>) -> Result<u8> {
         let cost = looked.elapsed();
         if idle.is_idle() {
             let s = store.stats()?;
-            println!(
+            say!(
                 "{queue}: all done after {}: nothing ready, scheduled or running; {} dead, {} quarantined",
                 short_duration(started.elapsed().as_millis() as u64),
                 s.dead,
                 s.quarantined
-            );
+            )?;
             return Ok(if s.dead > 0 { 1 } else { 0 });
         }
         let remaining = timeout.map(|t| t.saturating_sub(started.elapsed()));
         if remaining == Some(Duration::ZERO) {
-            println!(
+            say!(
                 "{queue}: timed out after {}: {} ready, {} scheduled, {} running",
                 short_duration(started.elapsed().as_millis() as u64),
                 idle.ready,
                 idle.scheduled,
                 idle.running
-            );
+            )?;
             return Ok(124);
         }
         // Completions are not announced by the store, so look again after a short, growing
@@ -86,11 +86,11 @@ pub fn check(args: CheckArgs) -> Result<u8> {
                 Level::Warning => "WARNING",
                 Level::Critical => "CRITICAL",
             };
-            println!("JOBSPOOL {word} - {line}");
+            say!("JOBSPOOL {word} - {line}")?;
             Ok(level as u8)
         }
         Err(e) => {
-            println!("JOBSPOOL UNKNOWN - {e}");
+            say!("JOBSPOOL UNKNOWN - {e}")?;
             Ok(3)
         }
     }
@@ -183,8 +183,9 @@ fn check_status(a: &CheckArgs) -> Result<(Level, String)> {
         ms(a.warn_age),
         ms(a.crit_age),
         live,
+        // Nagios range syntax: `N:` alerts when the value is below N.
         if a.min_runners > 0 {
-            a.min_runners.to_string()
+            format!("{}:", a.min_runners)
         } else {
             String::new()
         },

@@ -39,19 +39,9 @@ pub struct Spawn<'a> {
     pub stdout: Stdio,
     /// Standard error.
     pub stderr: Stdio,
-    /// The guardian's pipe ([`super::reaper::Reaper::fd`]): the handler registers its own group
-    /// there before it runs any code of its own, so a runner killed at any instant after the
-    /// fork leaves no grandchild behind.
+    /// The runner's guardian (the write end of its pipe), which the handler registers its
+    /// process group with before exec; see the `reaper` module.
     pub guardian: Option<RawFd>,
-}
-
-/// Sends one guardian message (`+` or `-` and a group id). Five bytes are below `PIPE_BUF`, so
-/// the write is whole or nothing; async-signal-safe.
-fn tell_guardian(fd: RawFd, op: u8, pgid: i32) {
-    let b = pgid.to_le_bytes();
-    let msg = [op, b[0], b[1], b[2], b[3]];
-    // SAFETY: a write of a stack buffer to a descriptor.
-    unsafe { nix::libc::write(fd, msg.as_ptr().cast(), msg.len()) };
 }
 
 fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
@@ -77,8 +67,8 @@ impl Handler {
             .process_group(0);
         let parent = std::process::id() as nix::libc::pid_t;
         let guardian = spec.guardian;
-        // The child reports its pid here too, so that the parent can unregister a group whose
-        // exec failed (std reaps that child itself and does not say which pid it had).
+        // The child reports its pid here too, so that a registration can be withdrawn when the
+        // exec then fails (std reaps the child and returns no pid).
         let (pid_read, pid_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
         let pid_write_fd = pid_write.as_raw_fd();
         // SAFETY: the closure runs between fork and exec and only makes async-signal-safe
@@ -93,11 +83,14 @@ impl Handler {
                 if libc::getppid() != parent {
                     libc::raise(libc::SIGKILL);
                 }
+                // Register the new process group with the guardian before anything can start in
+                // it. The guardian sees end-of-file only once this process has exec'd or died
+                // (it holds the close-on-exec write end until then), so it reads this first.
                 if let Some(fd) = guardian {
-                    let pid = libc::getpid();
-                    tell_guardian(fd, b'+', pid);
-                    let b = pid.to_le_bytes();
-                    libc::write(pid_write_fd, b.as_ptr().cast(), b.len());
+                    let pid = libc::getpid() as u32;
+                    let bytes = pid.to_le_bytes();
+                    libc::write(pid_write_fd, bytes.as_ptr().cast(), bytes.len());
+                    super::reaper::send_raw(fd, b'+', pid);
                 }
                 for sig in 1..libc::SIGRTMIN() {
                     if sig != libc::SIGKILL && sig != libc::SIGSTOP {
@@ -113,13 +106,14 @@ impl Handler {
         let spawned = cmd.spawn();
         drop(pid_write);
         let mut child = match spawned {
-            Ok(c) => c,
+            Ok(child) => child,
             Err(e) => {
-                let mut b = [0u8; 4];
-                if let Some(fd) = guardian
-                    && nix::unistd::read(&pid_read, &mut b) == Ok(4)
-                {
-                    tell_guardian(fd, b'-', i32::from_le_bytes(b));
+                if let Some(fd) = guardian {
+                    let mut bytes = [0u8; 4];
+                    let mut pipe = std::fs::File::from(pid_read);
+                    if std::io::Read::read_exact(&mut pipe, &mut bytes).is_ok() {
+                        super::reaper::send_raw(fd, b'-', u32::from_le_bytes(bytes));
+                    }
                 }
                 return Err(e);
             }
@@ -134,6 +128,9 @@ impl Handler {
             Ok(fd) => fd,
             Err(e) => {
                 let _ = killpg(Pid::from_raw(child.id() as i32), Signal::SIGKILL);
+                if let Some(fd) = guardian {
+                    super::reaper::send_raw(fd, b'-', child.id());
+                }
                 let _ = child.wait();
                 return Err(e);
             }
@@ -204,5 +201,53 @@ pub fn describe(status: ExitStatus) -> String {
             Err(_) => format!("killed by signal {sig}"),
         },
         _ => "ended".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+
+    fn spawn(argv: &[&str], guardian: RawFd) -> io::Result<Handler> {
+        let argv: Vec<OsString> = argv.iter().map(OsString::from).collect();
+        Handler::spawn(Spawn {
+            argv: &argv,
+            env: &[],
+            stdin: Stdio::null(),
+            stdout: Stdio::null(),
+            stderr: Stdio::null(),
+            guardian: Some(guardian),
+        })
+    }
+
+    /// The messages the guardian would have read, as (op, pgid).
+    fn messages(read: OwnedFd) -> Vec<(u8, u32)> {
+        let mut bytes = Vec::new();
+        std::fs::File::from(read).read_to_end(&mut bytes).unwrap();
+        bytes
+            .chunks(5)
+            .map(|m| (m[0], u32::from_le_bytes([m[1], m[2], m[3], m[4]])))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_handler_registers_its_group_with_the_guardian_before_exec_and_a_failed_exec_withdraws_it() {
+        let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
+        let handler = spawn(&["true"], write.as_raw_fd()).unwrap();
+        let pid = handler.pid();
+        handler.exited().await.unwrap();
+        handler.reap().unwrap();
+        assert!(spawn(&["/no/such/program"], write.as_raw_fd()).is_err());
+        drop(write);
+        let got = messages(read);
+        assert_eq!(got.len(), 3, "{got:?}");
+        assert_eq!(got[0], (b'+', pid), "registered by the handler itself: {got:?}");
+        assert_eq!(got[1].0, b'+');
+        assert_eq!(
+            got[2],
+            (b'-', got[1].1),
+            "a failed exec withdraws its registration: {got:?}"
+        );
     }
 }

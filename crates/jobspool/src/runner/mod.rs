@@ -342,8 +342,14 @@ pub async fn run_async(store: Arc<dyn Store>, opts: RunnerOptions) -> Result<Run
     let mut running: HashMap<tokio::task::Id, (JobId, u32, Instant)> = HashMap::new();
     let mut report = RunReport::default();
     let mut phase = Phase::Running;
-    let mut next_tick = tokio::time::Instant::now();
-    let mut next_gc = Instant::now();
+    // The first upkeep pass comes before any claim, so that every run makes it, even one that
+    // finds nothing to do (`run --drain` on an empty queue): claims of dead runners are taken
+    // back (and so can be run now), stray files in running/ and dead/ are quarantined, leftovers
+    // collected. The registration was just announced, so the first tick waits a full period.
+    reclaim(&shared, &mut report).await;
+    collect_garbage(&store).await;
+    let mut next_tick = tokio::time::Instant::now() + tick_every;
+    let mut next_gc = Instant::now() + GC_EVERY;
     let mut paused_until: Option<tokio::time::Instant> = None;
     let mut progress = Progress::new(opts.progress && std::io::stderr().is_terminal());
 
@@ -440,12 +446,7 @@ pub async fn run_async(store: Arc<dyn Store>, opts: RunnerOptions) -> Result<Run
             }
             if next_gc <= Instant::now() {
                 next_gc = Instant::now() + GC_EVERY;
-                let s = Arc::clone(&store);
-                match blocking(move || s.collect_garbage()).await {
-                    Ok(0) => {}
-                    Ok(n) => tracing::info!("collected {n} leftover temp files and old logs"),
-                    Err(e) => tracing::warn!("collecting garbage failed: {e}"),
-                }
+                collect_garbage(&store).await;
             }
             progress.show(&report, jobs.len(), opts.slots, true);
         }
@@ -572,6 +573,15 @@ fn account(end: &JobEnd, report: &mut RunReport) {
             report.lease_lost += 1;
             tracing::warn!(job = %end.id, attempt = end.attempt, "lease lost (the job was reclaimed or removed); its handler was stopped and it was not acknowledged");
         }
+    }
+}
+
+async fn collect_garbage(store: &Arc<dyn Store>) {
+    let s = Arc::clone(store);
+    match blocking(move || s.collect_garbage()).await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!("collected {n} leftover temp files and old logs"),
+        Err(e) => tracing::warn!("collecting garbage failed: {e}"),
     }
 }
 
@@ -808,14 +818,14 @@ async fn supervise_command(
     } else {
         Stdio::piped()
     };
-    let guardian = sh.reaper.lock().unwrap_or_else(|e| e.into_inner()).fd();
     let spawned = child::Handler::spawn(Spawn {
         argv: &argv,
         env: &env,
         stdin,
         stdout,
         stderr,
-        guardian,
+        // The handler registers its group with the guardian itself, before exec.
+        guardian: sh.reaper.lock().unwrap_or_else(|e| e.into_inner()).fd(),
     });
     let mut handler = match spawned {
         Ok(h) => h,
@@ -923,6 +933,10 @@ async fn supervise_command(
             }
         }
     }
+    // Kill what the handler left in its group *before* the guardian forgets the group: were the
+    // runner killed between the two, nobody would kill the leftovers. (The group leader is not
+    // reaped yet, so its group id cannot have been reused.)
+    handler.signal_group(nix::sys::signal::Signal::SIGKILL);
     sh.reaper
         .lock()
         .unwrap_or_else(|e| e.into_inner())

@@ -1,8 +1,11 @@
 //! A guardian process that kills the runner's handler groups if the runner dies.
 //!
 //! A handler dies with the runner (parent-death signal), but its own children do not: the
-//! parent-death signal is not inherited. So each runner forks one small guardian at start. The
-//! runner tells it, over a pipe, which process groups it has running; when the runner exits —
+//! parent-death signal is not inherited. So each runner forks one small guardian at start. Each
+//! handler registers its process group over a pipe between fork and exec, before it can start a
+//! process of its own (registering after the spawn returned left a window in which a runner
+//! killed at that moment left the handler's first children behind), and the runner unregisters
+//! it when the handler is done; when the runner exits —
 //! even by `kill -9` — the pipe reaches end-of-file and the guardian kills every group still
 //! registered, then exits. On a clean exit no group is registered and it just exits.
 //!
@@ -10,7 +13,7 @@
 //! no allocation, no locks, a fixed table of groups.
 
 use std::io::{self, Write};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
 use nix::libc;
 use nix::unistd::{ForkResult, Pid};
@@ -45,23 +48,40 @@ impl Reaper {
     }
 
     fn send(&mut self, op: u8, pgid: u32) {
-        let mut msg = [0u8; 5];
-        msg[0] = op;
-        msg[1..].copy_from_slice(&pgid.to_le_bytes());
         if let Some(p) = self.pipe.as_mut() {
             // Five bytes are below PIPE_BUF: written whole or not at all.
-            let _ = p.write_all(&msg);
+            let _ = p.write_all(&message(op, pgid));
         }
     }
 
-    /// The pipe a handler registers its own process group on, between fork and exec.
-    pub fn fd(&self) -> Option<std::os::fd::RawFd> {
-        self.pipe.as_ref().map(|p| p.as_raw_fd())
+    /// The write end of the guardian's pipe. A handler registers its own process group through
+    /// it between fork and exec (see `child::Handler::spawn`), before it can start any process
+    /// of its own; the descriptor is close-on-exec.
+    pub fn fd(&self) -> Option<RawFd> {
+        self.pipe.as_ref().map(AsRawFd::as_raw_fd)
     }
 
     /// Unregisters a handler's process group (just before it is reaped).
     pub fn forget(&mut self, pgid: u32) {
         self.send(b'-', pgid);
+    }
+}
+
+/// One message to the guardian: `+` registers a process group, `-` unregisters it.
+pub fn message(op: u8, pgid: u32) -> [u8; 5] {
+    let mut msg = [0u8; 5];
+    msg[0] = op;
+    msg[1..].copy_from_slice(&pgid.to_le_bytes());
+    msg
+}
+
+/// Sends one message to the guardian through its raw descriptor. Async-signal-safe: one
+/// `write` of five bytes, which is below PIPE_BUF and so never interleaves with other writers.
+pub fn send_raw(fd: RawFd, op: u8, pgid: u32) {
+    let msg = message(op, pgid);
+    // SAFETY: writes five bytes from a stack buffer to a descriptor the caller keeps open.
+    unsafe {
+        nix::libc::write(fd, msg.as_ptr().cast(), msg.len());
     }
 }
 

@@ -499,7 +499,7 @@ impl Store for RedisStore {
     }
 
     fn claim(&self, lease: Duration) -> Result<Option<Claim>> {
-        let lease_ms = lease.as_millis().max(1) as u64;
+        let lease_ms = crate::job::lease_ms(lease)?;
         let max = match self.reclaim_max.load(Ordering::Relaxed) {
             0 => self.inner.config.max_attempts,
             n => n,
@@ -577,7 +577,10 @@ impl Store for RedisStore {
     }
 
     fn retry(&self, lease: &Lease, delay: Duration) -> Result<()> {
-        let ms = delay.as_millis() as u64;
+        // No later than the latest run-at any store can hold.
+        let ms = u64::try_from(delay.as_millis())
+            .unwrap_or(u64::MAX)
+            .min(crate::job::MAX_RUN_AT.saturating_sub(now_ms()));
         self.transition(&self.inner.scripts.retry, lease, &[&ms])
     }
 
