@@ -157,7 +157,8 @@ local reclaimed = reclaim(t, tonumber(ARGV[4]), 100)
 local id = redis.call('ZRANGE', P .. ':ready', 0, 0)[1]
 if not id then return {0, reclaimed} end
 leave(id, 'ready')
-local token = redis.call('INCR', P .. ':seq') .. '@' .. P
+-- The claim time makes tokens unique even across a server that lost its data (and counter).
+local token = redis.call('INCR', P .. ':seq') .. '.' .. N(t) .. '@' .. P
 local attempts = tonumber(redis.call('HGET', jk(id), 'attempts'))
 redis.call('HSET', jk(id), 'state', 'running', 'since', N(t), 'token', token, 'runner', ARGV[3], 'lease_ms', ARGV[2])
 redis.call('ZADD', P .. ':running', N(t + tonumber(ARGV[2])), id)
