@@ -44,6 +44,7 @@ usage: bench [--quick | --full] [options]
   --peers-dir DIR     the peer scripts (default ../shared/bench/peers, then /work/shared/bench/peers)
   --peer-n N          jobs per peer run (default 1000)
   --peer-timeout S    limit per peer script (default 300)
+  --storm-n N         jobs in item 8's push storm (default 50000)
   --no-strace         do not count ready/ listings under strace in item 8
 ";
 
@@ -108,6 +109,7 @@ fn parse_args() -> R<Cfg> {
         "--peer-n",
         "--peer-timeout",
         "--no-strace",
+        "--storm-n",
     ];
     let takes_value = [
         "--dir",
@@ -118,6 +120,7 @@ fn parse_args() -> R<Cfg> {
         "--peers-dir",
         "--peer-n",
         "--peer-timeout",
+        "--storm-n",
     ];
     let mut i = 0;
     while i < args.len() {
@@ -197,11 +200,11 @@ fn parse_args() -> R<Cfg> {
         batch_n: pick(300, 10_000),
         claim_n: pick(300, 10_000),
         run_n: pick(30, 2000),
-        drain_k: pick(100, 1000),
+        drain_k: pick(100, 500),
         latency_n: pick(30, 1000),
         idle_settle: Duration::from_millis(pick(300, 11_000) as u64),
         idle_window: Duration::from_millis(pick(1000, 30_000) as u64),
-        storm_n: pick(400, 50_000),
+        storm_n: num("--storm-n", pick(400, 50_000))?,
         durable_ref_n: pick(30, 1000),
         spawn_ref_n: pick(30, 2000),
     })
@@ -228,6 +231,21 @@ fn ref_str(what: &str, v: f64) -> String {
     format!("{what} {}/s", rate(v))
 }
 
+/// A reference measured just before and just after its workload: the mean, and how it reads.
+/// The two differ by the machine's drift (other work, write-back) during the workload.
+fn bracket(what: &str, before: f64, after: f64) -> (f64, String) {
+    let mean = (before + after) / 2.0;
+    (
+        mean,
+        format!(
+            "{what} {}/s (before {}, after {})",
+            rate(mean),
+            rate(before),
+            rate(after)
+        ),
+    )
+}
+
 fn io<T>(r: std::io::Result<T>) -> R<T> {
     r.map_err(|e| e.to_string())
 }
@@ -245,15 +263,17 @@ fn pushes(cfg: &Cfg, kind: &str, target: &dyn Fn(&str) -> String, item_suffix: &
             &i1,
             &format!("{kind}: durable push, library, 1 job/call"),
             (|| {
-                let r = io(phys::durable_create(&phys, cfg.durable_ref_n))?;
+                let r0 = io(phys::durable_create(&phys, cfg.durable_ref_n))?;
                 let v = work::push_one(&target("push1"), cfg.push_n)?;
+                let r1 = io(phys::durable_create(&phys, cfg.durable_ref_n))?;
+                let (r, rs) = bracket("write+fsync+rename+dir fsync", r0, r1);
                 Ok(vec![
                     Row::new(
                         &i1,
                         format!("{kind}: durable push, library, 1 job/call (N={})", cfg.push_n),
                     )
                     .value(format!("{}/s", rate(v)))
-                    .reference(ref_str("write+fsync+rename+dir fsync", r))
+                    .reference(rs.clone())
                     .ratio(v / r, Some(1.0))
                     .note("target: at the limit (group commit could exceed it)"),
                 ])
@@ -267,14 +287,16 @@ fn pushes(cfg: &Cfg, kind: &str, target: &dyn Fn(&str) -> String, item_suffix: &
                     &i1,
                     "durable push, CLI",
                     (|| {
-                        let r = io(phys::durable_create(&phys, cfg.durable_ref_n))?;
+                        let r0 = io(phys::durable_create(&phys, cfg.durable_ref_n))?;
                         let s = io(phys::spawn_true(cfg.spawn_ref_n / 4, 1))?;
                         let v = work::cli_push(bin, &target("pushcli"), cfg.cli_push_n)?;
+                        let r1 = io(phys::durable_create(&phys, cfg.durable_ref_n))?;
+                        let (r, rs) = bracket("write+fsync+rename+dir fsync", r0, r1);
                         let bound = 1.0 / (1.0 / r + 1.0 / s);
                         Ok(vec![
                         Row::new(&i1, format!("durable push, CLI, 1 process/job (N={})", cfg.cli_push_n))
                             .value(format!("{}/s", rate(v)))
-                            .reference(ref_str("write+fsync+rename+dir fsync", r))
+                            .reference(rs.clone())
                             .ratio(v / r, None)
                             .note(format!(
                                 "includes a process start per job: spawn of `true` {}/s, so spawn+durable create bounds it at {}/s ({:.2} of that)",
@@ -295,15 +317,17 @@ fn pushes(cfg: &Cfg, kind: &str, target: &dyn Fn(&str) -> String, item_suffix: &
             &i2,
             &format!("{kind}: batch push, library"),
             (|| {
-                let r = io(phys::create_rename(&phys, cfg.batch_n))?;
+                let r0 = io(phys::create_rename(&phys, cfg.batch_n))?;
                 let v = work::push_batch(&target("batch"), cfg.batch_n)?;
+                let r1 = io(phys::create_rename(&phys, cfg.batch_n))?;
+                let (r, rs) = bracket("create+rename, no fsync", r0, r1);
                 Ok(vec![
                     Row::new(
                         &i2,
                         format!("{kind}: batch push, library, one push_batch (N={})", cfg.batch_n),
                     )
                     .value(format!("{}/s", rate(v)))
-                    .reference(ref_str("create+rename, no fsync", r))
+                    .reference(rs.clone())
                     .ratio(v / r, None)
                     .note("durable (one syncfs + one dir fsync per batch); the reference is not durable"),
                 ])
@@ -317,12 +341,14 @@ fn pushes(cfg: &Cfg, kind: &str, target: &dyn Fn(&str) -> String, item_suffix: &
                     &i2,
                     "batch push, CLI",
                     (|| {
-                        let r = io(phys::create_rename(&phys, cfg.batch_n))?;
+                        let r0 = io(phys::create_rename(&phys, cfg.batch_n))?;
                         let v = work::cli_push_batch(bin, &target("batchcli"), cfg.batch_n)?;
+                        let r1 = io(phys::create_rename(&phys, cfg.batch_n))?;
+                        let (r, rs) = bracket("create+rename, no fsync", r0, r1);
                         Ok(vec![
                             Row::new(&i2, format!("batch push, CLI `push --batch` (N={})", cfg.batch_n))
                                 .value(format!("{}/s", rate(v)))
-                                .reference(ref_str("create+rename, no fsync", r))
+                                .reference(rs.clone())
                                 .ratio(v / r, None)
                                 .note("one process for the whole batch, included"),
                         ])
@@ -347,8 +373,11 @@ fn claims(cfg: &Cfg, kind: &str, target: &dyn Fn(&str) -> String, item: &str) ->
             (|| {
                 let t = target(&format!("claim{threads}"));
                 work::fill(&*work::open(&t)?, cfg.claim_n)?;
-                let r = io(phys::rename(&phys, cfg.claim_n))?;
+                let r0 = io(phys::rename(&phys, cfg.claim_n))?;
                 let (n, v) = work::claim_ack(&t, threads)?;
+                let r1 = io(phys::rename(&phys, cfg.claim_n))?;
+                let (r, rs) = bracket("plain rename", r0, r1);
+                let floor = io(phys::rename_read_unlink(&phys, cfg.claim_n))?;
                 if n != cfg.claim_n as u64 {
                     return Err(format!("claimed {n} of {}", cfg.claim_n));
                 }
@@ -358,9 +387,13 @@ fn claims(cfg: &Cfg, kind: &str, target: &dyn Fn(&str) -> String, item: &str) ->
                         format!("{kind}: claim + ack, library, no-op, {threads} thread(s) (N={n})"),
                     )
                     .value(format!("{}/s", rate(v)))
-                    .reference(ref_str("plain rename", r))
+                    .reference(rs)
                     .ratio(v / r, None)
-                    .note("a claim is a rename plus a shared flock; an ack an unlink"),
+                    .note(format!(
+                        "a claim is a rename + shared flock + read of the body, an ack an unlink; those calls alone (rename+open+read+unlink loop, 1 thread): {}/s, so {:.2} of that",
+                        rate(floor),
+                        v / floor
+                    )),
                 ])
             })(),
         );
@@ -378,15 +411,17 @@ fn runs(cfg: &Cfg, bin: &Path) -> Vec<Row> {
             &format!("jobspool run -j {slots}"),
             (|| {
                 let q = work::scratch(&cfg.dir, &format!("run{slots}"));
-                let r = io(phys::spawn_true(cfg.spawn_ref_n, slots))?;
+                let r0 = io(phys::spawn_true(cfg.spawn_ref_n, slots))?;
                 let v = work::cli_run_drain(bin, &q.to_string_lossy(), cfg.run_n, slots, &q.with_extension("log"))?;
+                let r1 = io(phys::spawn_true(cfg.spawn_ref_n, slots))?;
+                let (r, rs) = bracket(&format!("fork+exec+wait `true`, {slots} thread(s)"), r0, r1);
                 Ok(vec![
                     Row::new(
                         "4",
                         format!("`jobspool run --drain -j {slots} -- true` (N={})", cfg.run_n),
                     )
                     .value(format!("{}/s", rate(v)))
-                    .reference(ref_str(&format!("fork+exec+wait `true`, {slots} thread(s)"), r))
+                    .reference(rs)
                     .ratio(v / r, Some(0.8))
                     .note("wall clock from runner start to exit, startup included"),
                 ])
@@ -480,8 +515,14 @@ fn idle_rows(cfg: &Cfg, bin: &Path) -> R<Vec<Row>> {
         .reference(format!("{} heartbeat ticks due", i.ticks))
         .target("≤ heartbeat ticks (+1 for phase)", i.episodes <= i.ticks + 1)
         .note(format!(
-            "sampled every 50 ms over {} process(es), {} threads (runner + guardian)",
-            i.processes, i.threads
+            "sampled every 50 ms over {} process(es), {} threads (runner + guardian); bursts (s into the window: switches): {}",
+            i.processes,
+            i.threads,
+            i.bursts
+                .iter()
+                .map(|(at, n)| format!("{at:.1}: {n}"))
+                .collect::<Vec<_>>()
+                .join(", ")
         )),
         Row::new("7", format!("idle runner, {:.0} s: CPU", i.window.as_secs_f64()))
             .value(format!("{:.0} ms", i.cpu_ms))
@@ -603,7 +644,8 @@ fn redis_rows(cfg: &Cfg, note: &mut Vec<String>) -> Vec<Row> {
     }
     let url = server.url("latency");
     let n = cfg.latency_n;
-    match with_limit(limit, move || latency_rows("redis", &url, n, "6/9")) {
+    let latency_limit = Duration::from_secs(30).min(limit);
+    match with_limit(latency_limit, move || latency_rows("redis", &url, n, "6/9")) {
         Ok(v) => rows.extend(v),
         Err(e) => rows.push(Row::skipped("6/9", "redis: wake-up latency", format!("failed: {e}"))),
     }
@@ -731,6 +773,43 @@ fn peer_rows(cfg: &Cfg) -> Vec<PeerRow> {
     rows
 }
 
+/// Writes the results file (also called between items, so that an interrupted run keeps what it
+/// measured).
+fn write_out(
+    cfg: &Cfg,
+    machine: &str,
+    command: &[String],
+    started: Instant,
+    notes: &[String],
+    rows: &[Row],
+    peer_table: Option<&[PeerRow]>,
+) -> String {
+    let mut md = String::new();
+    md.push_str("## Machine\n\n");
+    md.push_str(machine);
+    md.push_str(&format!(
+        "- command: `{}`; took {:.0} s\n",
+        command.join(" "),
+        started.elapsed().as_secs_f64()
+    ));
+    for n in notes {
+        md.push_str(&format!("- {n}\n"));
+    }
+    md.push_str("\n## Results\n\nEvery ratio is against a reference measured in this run, just before the workload, on the same file system.\n\n");
+    md.push_str(&report::table(rows));
+    if let Some(p) = &peer_table {
+        md.push_str("\n## Peers (same run)\n\n");
+        md.push_str(&report::peer_table(p));
+    }
+    if let Some(parent) = cfg.out.parent() {
+        let _ = std::fs::create_dir_all(parent);
+    }
+    if let Err(e) = std::fs::write(&cfg.out, &md) {
+        eprintln!("bench: writing {}: {e}", cfg.out.display());
+    }
+    md
+}
+
 fn main() {
     let cfg = match parse_args() {
         Ok(c) => c,
@@ -758,15 +837,18 @@ fn main() {
     let bin = cfg.bin.clone();
     let no_bin =
         |item: &str, what: &str| Row::skipped(item, what, "jobspool binary not found (build it, or --jobspool PATH)");
+    write_out(&cfg, &machine, &command, started, &notes, &rows, None);
     if cfg.wants("4") {
         match &bin {
             Some(b) => rows.extend(runs(&cfg, b)),
             None => rows.push(no_bin("4", "jobspool run -- true")),
         }
     }
+    write_out(&cfg, &machine, &command, started, &notes, &rows, None);
     if cfg.wants("5") {
         rows.extend(backlogs(&cfg));
     }
+    write_out(&cfg, &machine, &command, started, &notes, &rows, None);
     if cfg.wants("6") {
         progress("wake-up latency");
         let q = target("latency");
@@ -777,6 +859,7 @@ fn main() {
             latency_rows("dir", &q, cfg.latency_n, "6"),
         );
     }
+    write_out(&cfg, &machine, &command, started, &notes, &rows, None);
     if cfg.wants("7") {
         progress("idle runner");
         match &bin {
@@ -784,6 +867,7 @@ fn main() {
             None => rows.push(no_bin("7", "idle runner")),
         }
     }
+    write_out(&cfg, &machine, &command, started, &notes, &rows, None);
     if cfg.wants("8") {
         progress("push storm");
         match &bin {
@@ -791,6 +875,7 @@ fn main() {
             None => rows.push(no_bin("8", "push storm")),
         }
     }
+    write_out(&cfg, &machine, &command, started, &notes, &rows, None);
     if cfg.wants("9") {
         if cfg.redis {
             progress("Redis store");
@@ -799,35 +884,14 @@ fn main() {
             rows.push(Row::skipped("9", "Redis store", "not asked for (--redis or --full)"));
         }
     }
+    write_out(&cfg, &machine, &command, started, &notes, &rows, None);
     let peer_table = if cfg.peers && cfg.wants("peers") {
         Some(peer_rows(&cfg))
     } else {
         None
     };
 
-    let mut md = String::new();
-    md.push_str("## Machine\n\n");
-    md.push_str(&machine);
-    md.push_str(&format!(
-        "- command: `{}`; took {:.0} s\n",
-        command.join(" "),
-        started.elapsed().as_secs_f64()
-    ));
-    for n in &notes {
-        md.push_str(&format!("- {n}\n"));
-    }
-    md.push_str("\n## Results\n\nEvery ratio is against a reference measured in this run, just before the workload, on the same file system.\n\n");
-    md.push_str(&report::table(&rows));
-    if let Some(p) = &peer_table {
-        md.push_str("\n## Peers (same run)\n\n");
-        md.push_str(&report::peer_table(p));
-    }
-    if let Some(parent) = cfg.out.parent() {
-        let _ = std::fs::create_dir_all(parent);
-    }
-    if let Err(e) = std::fs::write(&cfg.out, &md) {
-        eprintln!("bench: writing {}: {e}", cfg.out.display());
-    }
+    let md = write_out(&cfg, &machine, &command, started, &notes, &rows, peer_table.as_deref());
     println!("{md}");
     eprintln!("bench: results written to {}", cfg.out.display());
 }

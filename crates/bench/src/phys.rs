@@ -102,3 +102,27 @@ pub fn spawn_true(n: usize, threads: usize) -> std::io::Result<f64> {
     }
     Ok((per * threads) as f64 / t.elapsed().as_secs_f64())
 }
+
+/// The same file-system calls as a claim + ack, with nothing else: rename a/i -> b/i, open and
+/// read b/i, unlink it. Files of FILE_BYTES. Per second.
+pub fn rename_read_unlink(dir: &Path, n: usize) -> std::io::Result<f64> {
+    fresh(dir, "a")?;
+    fresh(dir, "b")?;
+    let body = vec![b'x'; FILE_BYTES];
+    for i in 0..n {
+        fs::write(dir.join("a").join(i.to_string()), &body)?;
+    }
+    let mut buf = Vec::with_capacity(FILE_BYTES);
+    let t = Instant::now();
+    for i in 0..n {
+        let b = dir.join("b").join(i.to_string());
+        fs::rename(dir.join("a").join(i.to_string()), &b)?;
+        buf.clear();
+        std::io::Read::read_to_end(&mut File::open(&b)?, &mut buf)?;
+        fs::remove_file(&b)?;
+    }
+    let rate = n as f64 / t.elapsed().as_secs_f64();
+    let _ = fs::remove_dir_all(dir.join("a"));
+    let _ = fs::remove_dir_all(dir.join("b"));
+    Ok(rate)
+}

@@ -237,7 +237,7 @@ pub fn backlog(bin: Option<&Path>, dir: &Path, ready: usize, k: usize) -> R<Back
         .ok_or("nothing to claim")?;
     store.ack(&c.lease).map_err(|e| e.to_string())?;
     let first_claim_secs = t.elapsed().as_secs_f64();
-    let k = k.min(ready - 1);
+    let k = k.min(ready / 2);
     let t = Instant::now();
     for _ in 0..k {
         let c = store.claim(lease).map_err(|e| e.to_string())?.ok_or("ran out")?;
@@ -408,8 +408,11 @@ pub struct Idle {
     pub window: Duration,
     pub cpu_ms: f64,
     pub switches: u64,
-    /// Separate bursts of activity (consecutive 50 ms samples with any context switch count once).
+    /// Separate bursts of activity: samples with a context switch, less than a second apart,
+    /// count once.
     pub episodes: u64,
+    /// When each burst began, seconds into the window, and its context switches.
+    pub bursts: Vec<(f64, u64)>,
     /// Heartbeat ticks expected in the window (lease/3, at most 10 s).
     pub ticks: u64,
     pub processes: usize,
@@ -441,7 +444,9 @@ pub fn idle(bin: &Path, dir: &Path, settle: Duration, window: Duration) -> R<Idl
     let cpu0 = cpu();
     let mut prev = snapshot();
     let (processes, threads) = (procfs::family(pid).len(), prev.len());
-    let (mut switches, mut episodes, mut active) = (0u64, 0u64, false);
+    let mut switches = 0u64;
+    let mut bursts: Vec<(f64, u64)> = Vec::new();
+    let mut last_active: Option<f64> = None;
     let t = Instant::now();
     let mut next = t;
     while t.elapsed() < window {
@@ -455,10 +460,14 @@ pub fn idle(bin: &Path, dir: &Path, settle: Duration, window: Duration) -> R<Idl
             .map(|(k, v)| v.saturating_sub(*prev.get(k).unwrap_or(&0)))
             .sum();
         switches += delta;
-        if delta > 0 && !active {
-            episodes += 1;
+        if delta > 0 {
+            let at = t.elapsed().as_secs_f64();
+            match (last_active, bursts.last_mut()) {
+                (Some(l), Some(b)) if at - l < 1.0 => b.1 += delta,
+                _ => bursts.push((at, delta)),
+            }
+            last_active = Some(at);
         }
-        active = delta > 0;
         prev = now;
     }
     let cpu_ms = (cpu() - cpu0) * 1e3;
@@ -468,7 +477,8 @@ pub fn idle(bin: &Path, dir: &Path, settle: Duration, window: Duration) -> R<Idl
         window,
         cpu_ms,
         switches,
-        episodes,
+        episodes: bursts.len() as u64,
+        bursts,
         ticks: (window.as_secs_f64() / tick.as_secs_f64()).ceil() as u64,
         processes,
         threads,
@@ -575,7 +585,16 @@ pub fn storm(bin: &Path, dir: &Path, n: usize, producers: usize, trace: bool) ->
     }
     let drain_secs = t.elapsed().as_secs_f64();
     let cpu = procfs::cpu_secs(runner_pid).unwrap_or(0.0) - cpu0;
-    stop(&mut child, Duration::from_secs(40))?;
+    if trace {
+        // SIGTERM to the runner itself (strace would pass it on, but only once attached).
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(runner_pid as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        wait_for(&mut child, Duration::from_secs(40))?;
+    } else {
+        stop(&mut child, Duration::from_secs(40))?;
+    }
     let listings = if trace {
         let text = std::fs::read_to_string(&strace_out).map_err(|e| e.to_string())?;
         Some(
