@@ -104,13 +104,21 @@ pub fn spawn_true(n: usize, threads: usize) -> std::io::Result<f64> {
 }
 
 /// The same file-system calls as a claim + ack, with nothing else: rename a/i -> b/i, open and
-/// read b/i, unlink it. Files of FILE_BYTES. Per second.
+/// read b/i, unlink it. Files of FILE_BYTES, flushed to disk before the loop. Per second.
 pub fn rename_read_unlink(dir: &Path, n: usize) -> std::io::Result<f64> {
     fresh(dir, "a")?;
     fresh(dir, "b")?;
     let body = vec![b'x'; FILE_BYTES];
     for i in 0..n {
         fs::write(dir.join("a").join(i.to_string()), &body)?;
+    }
+    // Job files are durable when claimed: their blocks are allocated, so unlinking them frees
+    // blocks (and, on a file system mounted with `discard`, waits for a discard). Flush these
+    // too, so that the floor does the same work.
+    let d = File::open(dir.join("a"))?;
+    // SAFETY: syncfs takes a descriptor this function owns for the duration of the call.
+    if unsafe { nix::libc::syncfs(std::os::fd::AsRawFd::as_raw_fd(&d)) } != 0 {
+        return Err(std::io::Error::last_os_error());
     }
     let mut buf = Vec::with_capacity(FILE_BYTES);
     let t = Instant::now();
