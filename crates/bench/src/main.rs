@@ -45,6 +45,7 @@ usage: bench [--quick | --full] [options]
   --peer-n N          jobs per peer run (default 1000)
   --peer-timeout S    limit per peer script (default 300)
   --storm-n N         jobs in item 8's push storm (default 50000)
+  --drain-k N         claims + acks timed per backlog in item 5 (default 500; at most half the backlog)
   --no-strace         do not count ready/ listings under strace in item 8
 ";
 
@@ -110,6 +111,7 @@ fn parse_args() -> R<Cfg> {
         "--peer-timeout",
         "--no-strace",
         "--storm-n",
+        "--drain-k",
     ];
     let takes_value = [
         "--dir",
@@ -121,6 +123,7 @@ fn parse_args() -> R<Cfg> {
         "--peer-n",
         "--peer-timeout",
         "--storm-n",
+        "--drain-k",
     ];
     let mut i = 0;
     while i < args.len() {
@@ -200,7 +203,7 @@ fn parse_args() -> R<Cfg> {
         batch_n: pick(300, 10_000),
         claim_n: pick(300, 10_000),
         run_n: pick(30, 2000),
-        drain_k: pick(100, 500),
+        drain_k: num("--drain-k", pick(100, 500))?,
         latency_n: pick(30, 1000),
         idle_settle: Duration::from_millis(pick(300, 11_000) as u64),
         idle_window: Duration::from_millis(pick(1000, 30_000) as u64),

@@ -161,7 +161,7 @@ pub fn peer_table(rows: &[PeerRow]) -> String {
         };
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} | {} | {} | {} | {} |{}",
+            "| {} | {} | {} | {} | {} | {} | {} | {}{} |",
             p.peer,
             p.variant,
             p.n,
