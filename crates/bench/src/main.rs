@@ -174,7 +174,7 @@ fn parse_args() -> R<Cfg> {
             .split(',')
             .map(|x| x.trim().parse::<usize>().map_err(|_| format!("--backlog: {x}")))
             .collect::<R<Vec<_>>>()?,
-        None if quick => vec![200, 2000],
+        None if quick => vec![100, 1000],
         None if full => vec![1000, 100_000, 1_000_000],
         None => vec![1000, 100_000],
     };
@@ -200,14 +200,14 @@ fn parse_args() -> R<Cfg> {
         strace: !has("--no-strace") && !quick,
         push_n: pick(30, 1000),
         cli_push_n: pick(10, 300),
-        batch_n: pick(300, 10_000),
-        claim_n: pick(300, 10_000),
+        batch_n: pick(200, 10_000),
+        claim_n: pick(200, 10_000),
         run_n: pick(30, 2000),
-        drain_k: num("--drain-k", pick(100, 500))?,
+        drain_k: num("--drain-k", pick(50, 500))?,
         latency_n: pick(30, 1000),
         idle_settle: Duration::from_millis(pick(300, 11_000) as u64),
         idle_window: Duration::from_millis(pick(1000, 30_000) as u64),
-        storm_n: num("--storm-n", pick(400, 50_000))?,
+        storm_n: num("--storm-n", pick(200, 50_000))?,
         durable_ref_n: pick(30, 1000),
         spawn_ref_n: pick(30, 2000),
     })
