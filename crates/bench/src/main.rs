@@ -798,7 +798,7 @@ fn write_out(
     for n in notes {
         md.push_str(&format!("- {n}\n"));
     }
-    md.push_str("\n## Results\n\nEvery ratio is against a reference measured in this run, just before the workload, on the same file system.\n\n");
+    md.push_str("\n## Results\n\nEvery ratio is against a reference measured in this run on the same file system: for items 1–4 just before and just after the workload (the mean of the two), for item 8 just before it; item 5 compares with its own smallest backlog.\n\n");
     md.push_str(&report::table(rows));
     if let Some(p) = &peer_table {
         md.push_str("\n## Peers (same run)\n\n");
