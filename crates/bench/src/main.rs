@@ -1,0 +1,900 @@
+//! jobspool's benchmark harness (issue 5).
+//!
+//! Every workload is reported as a ratio against a reference measured in the same run, right
+//! before it, on the same file system: the machine is shared and noisy, so absolute numbers from
+//! different runs do not compare, ratios from one run do. Nothing here fails because a machine is
+//! slow: a missed target is a row that says so.
+//!
+//! ```text
+//! cargo build --release --workspace && target/release/bench            # default sizes
+//! target/release/bench --quick                                          # smoke run, seconds
+//! target/release/bench --full                                           # 1M backlog, peers, Redis
+//! ```
+//!
+//! See `BENCHMARKS.md` at the root of the repository for the options and the latest results.
+
+mod peers;
+mod phys;
+mod procfs;
+mod redis;
+mod report;
+mod work;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use report::{PeerRow, Row, Verdict, rate};
+use work::R;
+
+const USAGE: &str = "\
+usage: bench [--quick | --full] [options]
+
+  --quick             tiny sizes, a smoke run of a few seconds (CI)
+  --full              1M-job backlog, Redis store and peers included
+  --dir DIR           work directory (default: target/bench-work next to this binary); queues
+                      and the physical-limit references both live here, on the same file system
+  --out FILE          results table (markdown; default: target/bench-results.md)
+  --jobspool PATH     the jobspool binary (default: next to this binary; built if missing)
+  --no-build          never run cargo to build the jobspool binary
+  --only LIST         comma-separated items to run: 1..9, peers (default: all of the mode)
+  --backlog LIST      backlog sizes for item 5 (default 1000,100000; --full adds 1000000)
+  --redis / --no-redis
+  --peers / --no-peers
+  --slow-peers        also pueue and RQ with a forking worker (minutes)
+  --peers-dir DIR     the peer scripts (default ../shared/bench/peers, then /work/shared/bench/peers)
+  --peer-n N          jobs per peer run (default 1000)
+  --peer-timeout S    limit per peer script (default 300)
+  --storm-n N         jobs in item 8's push storm (default 50000)
+  --drain-k N         claims + acks timed per backlog in item 5 (default 500; at most half the backlog)
+  --no-strace         do not count ready/ listings under strace in item 8
+";
+
+struct Cfg {
+    quick: bool,
+    dir: PathBuf,
+    out: PathBuf,
+    bin: Option<PathBuf>,
+    only: Option<Vec<String>>,
+    backlogs: Vec<usize>,
+    redis: bool,
+    peers: bool,
+    slow_peers: bool,
+    peers_dir: Option<PathBuf>,
+    peer_n: usize,
+    peer_timeout: u64,
+    strace: bool,
+    // sizes
+    push_n: usize,
+    cli_push_n: usize,
+    batch_n: usize,
+    claim_n: usize,
+    run_n: usize,
+    drain_k: usize,
+    latency_n: usize,
+    idle_settle: Duration,
+    idle_window: Duration,
+    storm_n: usize,
+    durable_ref_n: usize,
+    spawn_ref_n: usize,
+}
+
+impl Cfg {
+    fn wants(&self, item: &str) -> bool {
+        self.only.as_ref().is_none_or(|l| l.iter().any(|x| x == item))
+    }
+}
+
+fn parse_args() -> R<Cfg> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let has = |f: &str| args.iter().any(|a| a == f);
+    let val = |f: &str| args.iter().position(|a| a == f).and_then(|i| args.get(i + 1)).cloned();
+    if has("-h") || has("--help") {
+        print!("{USAGE}");
+        std::process::exit(0);
+    }
+    let known = [
+        "--quick",
+        "--full",
+        "--dir",
+        "--out",
+        "--jobspool",
+        "--no-build",
+        "--only",
+        "--backlog",
+        "--redis",
+        "--no-redis",
+        "--peers",
+        "--no-peers",
+        "--slow-peers",
+        "--peers-dir",
+        "--peer-n",
+        "--peer-timeout",
+        "--no-strace",
+        "--storm-n",
+        "--drain-k",
+    ];
+    let takes_value = [
+        "--dir",
+        "--out",
+        "--jobspool",
+        "--only",
+        "--backlog",
+        "--peers-dir",
+        "--peer-n",
+        "--peer-timeout",
+        "--storm-n",
+        "--drain-k",
+    ];
+    let mut i = 0;
+    while i < args.len() {
+        if !known.contains(&args[i].as_str()) {
+            return Err(format!("unknown argument {:?}\n{USAGE}", args[i]));
+        }
+        i += if takes_value.contains(&args[i].as_str()) { 2 } else { 1 };
+    }
+    let quick = has("--quick");
+    let full = has("--full");
+    let exe_dir = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(Path::to_path_buf))
+        .unwrap_or_else(|| PathBuf::from("."));
+    // target/release/bench -> target/
+    let target_dir = exe_dir
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| exe_dir.clone());
+    let dir = val("--dir")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| target_dir.join("bench-work"));
+    let out = val("--out")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| target_dir.join("bench-results.md"));
+    let mut bin = val("--jobspool").map(PathBuf::from);
+    if bin.is_none() {
+        let candidate = exe_dir.join("jobspool");
+        if candidate.is_file() {
+            bin = Some(candidate);
+        } else if !has("--no-build") && !quick {
+            eprintln!("bench: building the jobspool binary (cargo build --release -p jobspool-cli)");
+            let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+            let ok = std::process::Command::new(cargo)
+                .args(["build", "--release", "-p", "jobspool-cli"])
+                .status()
+                .is_ok_and(|s| s.success());
+            if ok && candidate.is_file() {
+                bin = Some(candidate);
+            }
+        }
+    }
+    let num = |f: &str, d: usize| -> R<usize> {
+        val(f).map_or(Ok(d), |v| v.parse().map_err(|_| format!("{f}: not a number: {v}")))
+    };
+    let backlogs = match val("--backlog") {
+        Some(l) => l
+            .split(',')
+            .map(|x| x.trim().parse::<usize>().map_err(|_| format!("--backlog: {x}")))
+            .collect::<R<Vec<_>>>()?,
+        None if quick => vec![100, 1000],
+        None if full => vec![1000, 100_000, 1_000_000],
+        None => vec![1000, 100_000],
+    };
+    let pick = |q: usize, d: usize| if quick { q } else { d };
+    Ok(Cfg {
+        quick,
+        dir,
+        out,
+        bin,
+        only: val("--only").map(|l| l.split(',').map(|s| s.trim().to_string()).collect()),
+        backlogs,
+        redis: (full || has("--redis")) && !has("--no-redis"),
+        peers: (full || has("--peers")) && !has("--no-peers"),
+        slow_peers: has("--slow-peers"),
+        peers_dir: val("--peers-dir").map(PathBuf::from).or_else(|| {
+            ["../shared/bench/peers", "/work/shared/bench/peers"]
+                .iter()
+                .map(PathBuf::from)
+                .find(|p| p.join("run_all.sh").is_file())
+        }),
+        peer_n: num("--peer-n", 1000)?,
+        peer_timeout: num("--peer-timeout", 300)? as u64,
+        strace: !has("--no-strace") && !quick,
+        push_n: pick(30, 1000),
+        cli_push_n: pick(10, 300),
+        batch_n: pick(200, 10_000),
+        claim_n: pick(200, 10_000),
+        run_n: pick(30, 2000),
+        drain_k: num("--drain-k", pick(50, 500))?,
+        latency_n: pick(30, 1000),
+        idle_settle: Duration::from_millis(pick(300, 11_000) as u64),
+        idle_window: Duration::from_millis(pick(1000, 30_000) as u64),
+        storm_n: num("--storm-n", pick(200, 50_000))?,
+        durable_ref_n: pick(30, 1000),
+        spawn_ref_n: pick(30, 2000),
+    })
+}
+
+fn skip_on_err(rows: &mut Vec<Row>, item: &str, what: &str, r: R<Vec<Row>>) {
+    match r {
+        Ok(mut v) => rows.append(&mut v),
+        Err(e) => {
+            eprintln!("bench: {what}: {e}");
+            rows.push(Row::skipped(item, what, format!("failed: {e}")));
+        }
+    }
+}
+
+static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+
+fn progress(what: &str) {
+    let t = START.get_or_init(Instant::now).elapsed().as_secs_f64();
+    eprintln!("bench: [{t:6.1} s] {what}");
+}
+
+fn ref_str(what: &str, v: f64) -> String {
+    format!("{what} {}/s", rate(v))
+}
+
+/// A reference measured just before and just after its workload: the mean, and how it reads.
+/// The two differ by the machine's drift (other work, write-back) during the workload.
+fn bracket(what: &str, before: f64, after: f64) -> (f64, String) {
+    let mean = (before + after) / 2.0;
+    (
+        mean,
+        format!(
+            "{what} {}/s (before {}, after {})",
+            rate(mean),
+            rate(before),
+            rate(after)
+        ),
+    )
+}
+
+fn io<T>(r: std::io::Result<T>) -> R<T> {
+    r.map_err(|e| e.to_string())
+}
+
+/// Items 1 and 2 for one store (`kind` = "dir" or "redis").
+fn pushes(cfg: &Cfg, kind: &str, target: &dyn Fn(&str) -> String, item_suffix: &str) -> Vec<Row> {
+    let phys = cfg.dir.join("phys");
+    let mut rows = Vec::new();
+    let i1 = format!("1{item_suffix}");
+    let i2 = format!("2{item_suffix}");
+    if cfg.wants("1") || cfg.wants(&i1) {
+        progress(&format!("{kind}: durable push, one job per call"));
+        skip_on_err(
+            &mut rows,
+            &i1,
+            &format!("{kind}: durable push, library, 1 job/call"),
+            (|| {
+                let r0 = io(phys::durable_create(&phys, cfg.durable_ref_n))?;
+                let v = work::push_one(&target("push1"), cfg.push_n)?;
+                let r1 = io(phys::durable_create(&phys, cfg.durable_ref_n))?;
+                let (r, rs) = bracket("write+fsync+rename+dir fsync", r0, r1);
+                Ok(vec![
+                    Row::new(
+                        &i1,
+                        format!("{kind}: durable push, library, 1 job/call (N={})", cfg.push_n),
+                    )
+                    .value(format!("{}/s", rate(v)))
+                    .reference(rs.clone())
+                    .ratio(v / r, Some(1.0))
+                    .note("target: at the limit (group commit could exceed it)"),
+                ])
+            })(),
+        );
+        if kind == "dir" {
+            match &cfg.bin {
+                None => rows.push(Row::skipped(&i1, "durable push, CLI", "jobspool binary not found")),
+                Some(bin) => skip_on_err(
+                    &mut rows,
+                    &i1,
+                    "durable push, CLI",
+                    (|| {
+                        let r0 = io(phys::durable_create(&phys, cfg.durable_ref_n))?;
+                        let s = io(phys::spawn_true(cfg.spawn_ref_n / 4, 1))?;
+                        let v = work::cli_push(bin, &target("pushcli"), cfg.cli_push_n)?;
+                        let r1 = io(phys::durable_create(&phys, cfg.durable_ref_n))?;
+                        let (r, rs) = bracket("write+fsync+rename+dir fsync", r0, r1);
+                        let bound = 1.0 / (1.0 / r + 1.0 / s);
+                        Ok(vec![
+                        Row::new(&i1, format!("durable push, CLI, 1 process/job (N={})", cfg.cli_push_n))
+                            .value(format!("{}/s", rate(v)))
+                            .reference(rs.clone())
+                            .ratio(v / r, None)
+                            .note(format!(
+                                "includes a process start per job: spawn of `true` {}/s, so spawn+durable create bounds it at {}/s ({:.2} of that)",
+                                rate(s),
+                                rate(bound),
+                                v / bound
+                            )),
+                    ])
+                    })(),
+                ),
+            }
+        }
+    }
+    if cfg.wants("2") || cfg.wants(&i2) {
+        progress(&format!("{kind}: batch push"));
+        skip_on_err(
+            &mut rows,
+            &i2,
+            &format!("{kind}: batch push, library"),
+            (|| {
+                let r0 = io(phys::create_rename(&phys, cfg.batch_n))?;
+                let v = work::push_batch(&target("batch"), cfg.batch_n)?;
+                let r1 = io(phys::create_rename(&phys, cfg.batch_n))?;
+                let (r, rs) = bracket("create+rename, no fsync", r0, r1);
+                Ok(vec![
+                    Row::new(
+                        &i2,
+                        format!("{kind}: batch push, library, one push_batch (N={})", cfg.batch_n),
+                    )
+                    .value(format!("{}/s", rate(v)))
+                    .reference(rs.clone())
+                    .ratio(v / r, None)
+                    .note("durable (one syncfs + one dir fsync per batch); the reference is not durable"),
+                ])
+            })(),
+        );
+        if kind == "dir" {
+            match &cfg.bin {
+                None => rows.push(Row::skipped(&i2, "batch push, CLI", "jobspool binary not found")),
+                Some(bin) => skip_on_err(
+                    &mut rows,
+                    &i2,
+                    "batch push, CLI",
+                    (|| {
+                        let r0 = io(phys::create_rename(&phys, cfg.batch_n))?;
+                        let v = work::cli_push_batch(bin, &target("batchcli"), cfg.batch_n)?;
+                        let r1 = io(phys::create_rename(&phys, cfg.batch_n))?;
+                        let (r, rs) = bracket("create+rename, no fsync", r0, r1);
+                        Ok(vec![
+                            Row::new(&i2, format!("batch push, CLI `push --batch` (N={})", cfg.batch_n))
+                                .value(format!("{}/s", rate(v)))
+                                .reference(rs.clone())
+                                .ratio(v / r, None)
+                                .note("one process for the whole batch, included"),
+                        ])
+                    })(),
+                ),
+            }
+        }
+    }
+    rows
+}
+
+/// Item 3 for one store.
+fn claims(cfg: &Cfg, kind: &str, target: &dyn Fn(&str) -> String, item: &str) -> Vec<Row> {
+    let phys = cfg.dir.join("phys");
+    let mut rows = Vec::new();
+    for threads in [1, 2] {
+        progress(&format!("{kind}: claim + ack, {threads} thread(s)"));
+        skip_on_err(
+            &mut rows,
+            item,
+            &format!("{kind}: claim + ack, {threads} thread(s)"),
+            (|| {
+                let t = target(&format!("claim{threads}"));
+                work::fill(&*work::open(&t)?, cfg.claim_n)?;
+                let r0 = io(phys::rename(&phys, cfg.claim_n))?;
+                let (n, v) = work::claim_ack(&t, threads)?;
+                let r1 = io(phys::rename(&phys, cfg.claim_n))?;
+                let (r, rs) = bracket("plain rename", r0, r1);
+                let floor = io(phys::rename_read_unlink(&phys, cfg.claim_n))?;
+                if n != cfg.claim_n as u64 {
+                    return Err(format!("claimed {n} of {}", cfg.claim_n));
+                }
+                Ok(vec![
+                    Row::new(
+                        item,
+                        format!("{kind}: claim + ack, library, no-op, {threads} thread(s) (N={n})"),
+                    )
+                    .value(format!("{}/s", rate(v)))
+                    .reference(rs)
+                    .ratio(v / r, None)
+                    .note(format!(
+                        "a claim is a rename + shared flock + read of the body, an ack an unlink; those calls alone (rename+open+read+unlink loop, 1 thread): {}/s, so {:.2} of that",
+                        rate(floor),
+                        v / floor
+                    )),
+                ])
+            })(),
+        );
+    }
+    rows
+}
+
+fn runs(cfg: &Cfg, bin: &Path) -> Vec<Row> {
+    let mut rows = Vec::new();
+    for slots in [1, 2] {
+        progress(&format!("jobspool run --drain -j {slots} -- true"));
+        skip_on_err(
+            &mut rows,
+            "4",
+            &format!("jobspool run -j {slots}"),
+            (|| {
+                let q = work::scratch(&cfg.dir, &format!("run{slots}"));
+                let r0 = io(phys::spawn_true(cfg.spawn_ref_n, slots))?;
+                let v = work::cli_run_drain(bin, &q.to_string_lossy(), cfg.run_n, slots, &q.with_extension("log"))?;
+                let r1 = io(phys::spawn_true(cfg.spawn_ref_n, slots))?;
+                let (r, rs) = bracket(&format!("fork+exec+wait `true`, {slots} thread(s)"), r0, r1);
+                Ok(vec![
+                    Row::new(
+                        "4",
+                        format!("`jobspool run --drain -j {slots} -- true` (N={})", cfg.run_n),
+                    )
+                    .value(format!("{}/s", rate(v)))
+                    .reference(rs)
+                    .ratio(v / r, Some(0.8))
+                    .note("wall clock from runner start to exit, startup included"),
+                ])
+            })(),
+        );
+    }
+    rows
+}
+
+fn backlogs(cfg: &Cfg) -> Vec<Row> {
+    let mut rows = Vec::new();
+    let mut results: Vec<work::Backlog> = Vec::new();
+    for &b in &cfg.backlogs {
+        progress(&format!("backlog of {b}"));
+        let q = work::scratch(&cfg.dir, &format!("backlog{b}"));
+        match work::backlog(cfg.bin.as_deref(), &q, b, cfg.drain_k) {
+            Ok(r) => results.push(r),
+            Err(e) => rows.push(Row::skipped("5", format!("backlog {b}"), format!("failed: {e}"))),
+        }
+        progress(&format!("removing backlog of {b}"));
+        let _ = std::fs::remove_dir_all(&q);
+    }
+    let base = results.first().map(|r| (r.ready, r.rate));
+    for r in &results {
+        let mut row = Row::new(
+            "5",
+            format!("drain rate, {} ready (claim+ack of {}, 1 thread)", r.ready, r.claimed),
+        )
+        .value(format!("{}/s", rate(r.rate)));
+        if let Some((n0, v0)) = base {
+            row = row.reference(format!("same at {n0} ready: {}/s", rate(v0)));
+            let is_largest = r.ready == *cfg.backlogs.iter().max().unwrap_or(&0) && r.ready != n0;
+            row = row.ratio(r.rate / v0, if is_largest { Some(0.8) } else { None });
+        }
+        row = row.note(format!(
+            "first claim (lists ready/ once) {:.1} ms; filling took {:.1} s; library index +{} MB RSS",
+            r.first_claim_secs * 1e3,
+            r.fill_secs,
+            r.lib_rss_kb.max(0) / 1024
+        ));
+        rows.push(row);
+        let mem = Row::new("5", format!("runner peak RSS, {} ready", r.ready));
+        rows.push(match r.runner_hwm_kb {
+            Some(kb) => {
+                let mb = kb as f64 / 1024.0;
+                let mut m = mem.value(format!("{mb:.1} MB")).note(r.runner_note.clone());
+                if r.ready >= 1_000_000 {
+                    m = m.target("< 100 MB", mb < 100.0);
+                }
+                m
+            }
+            None => Row::skipped(
+                "5",
+                format!("runner peak RSS, {} ready", r.ready),
+                r.runner_note.clone(),
+            ),
+        });
+    }
+    rows
+}
+
+fn latency_rows(kind: &str, target: &str, n: usize, item: &str) -> R<Vec<Row>> {
+    let l = work::latency(target, n)?;
+    Ok(vec![
+        Row::new(
+            item,
+            format!("{kind}: wake-up latency p50, push returned → handler start (n={})", l.n),
+        )
+        .value(format!("{:.2} ms", l.p50))
+        .target("< 2 ms", l.p50 < 2.0)
+        .note(format!("from the push call: p50 {:.2} ms", l.p50_from_call)),
+        Row::new(item, format!("{kind}: wake-up latency p99 (n={})", l.n))
+            .value(format!("{:.2} ms", l.p99))
+            .target("< 20 ms", l.p99 < 20.0)
+            .note(format!(
+                "max {:.2} ms; from the push call: p99 {:.2} ms",
+                l.max, l.p99_from_call
+            )),
+    ])
+}
+
+fn idle_rows(cfg: &Cfg, bin: &Path) -> R<Vec<Row>> {
+    let q = work::scratch(&cfg.dir, "idle");
+    let i = work::idle(bin, &q, cfg.idle_settle, cfg.idle_window)?;
+    Ok(vec![
+        Row::new(
+            "7",
+            format!("idle runner, {:.0} s: wake-up bursts", i.window.as_secs_f64()),
+        )
+        .value(format!("{} bursts, {} context switches", i.episodes, i.switches))
+        .reference(format!("{} heartbeat ticks due", i.ticks))
+        .target("≤ heartbeat ticks (+1 for phase)", i.episodes <= i.ticks + 1)
+        .note(format!(
+            "sampled every 50 ms over {} process(es), {} threads (runner + guardian); bursts (s into the window: switches): {}",
+            i.processes,
+            i.threads,
+            i.bursts
+                .iter()
+                .map(|(at, n)| format!("{at:.1}: {n}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )),
+        Row::new("7", format!("idle runner, {:.0} s: CPU", i.window.as_secs_f64()))
+            .value(format!("{:.0} ms", i.cpu_ms))
+            .note("utime+stime from /proc, 10 ms resolution"),
+    ])
+}
+
+fn storm_rows(cfg: &Cfg, bin: &Path) -> R<Vec<Row>> {
+    let q = work::scratch(&cfg.dir, "storm");
+    let spawn_n = cfg.spawn_ref_n / 2;
+    let (self0, kids0) = (procfs::self_cpu_secs(), procfs::children_cpu_secs());
+    let spawn_rate = io(phys::spawn_true(spawn_n, 2))?;
+    let spawn_self_us = (procfs::self_cpu_secs() - self0) * 1e6 / spawn_n as f64;
+    let spawn_all_us = spawn_self_us + (procfs::children_cpu_secs() - kids0) * 1e6 / spawn_n as f64;
+    let s = work::storm(bin, &q, cfg.storm_n, 4, false)?;
+    let mut rows = vec![
+        Row::new(
+            "8",
+            format!(
+                "push storm ({} producers, {} jobs) while `run -j 2 -- true` drains: runner CPU/job",
+                s.producers, s.n
+            ),
+        )
+        .value(format!("{:.0} µs", s.runner_cpu_us_per_job))
+        .reference(format!(
+            "bare spawn of `true`: {spawn_all_us:.0} µs CPU/job, parent + child ({spawn_self_us:.0} µs parent)"
+        ))
+        .ratio(s.runner_cpu_us_per_job / spawn_all_us.max(1.0), None)
+        .note(
+            "runner's own threads only (handlers not counted); ratio: runner overhead per job over a whole bare spawn",
+        ),
+        Row::new("8", "push storm: producer and drain rates")
+            .value(format!("push {}/s, drain {}/s", rate(s.push_rate), rate(s.drain_rate)))
+            .reference(ref_str("fork+exec+wait `true`, 2 threads", spawn_rate))
+            .ratio(s.drain_rate / spawn_rate, None)
+            .note("drain = first push until the queue is empty (spawn-bound)"),
+    ];
+    if cfg.strace {
+        let have = std::process::Command::new("strace")
+            .arg("-V")
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !have {
+            rows.push(Row::skipped("8", "push storm: ready/ listings", "strace not installed"));
+        } else {
+            let n = (cfg.storm_n / 5).max(400);
+            let q = work::scratch(&cfg.dir, "storm-traced");
+            match work::storm(bin, &q, n, 4, true) {
+                Ok(t) => {
+                    let l = t.listings.unwrap_or(0);
+                    rows.push(
+                        Row::new(
+                            "8",
+                            format!("push storm under strace ({} jobs): listings of ready/", t.n),
+                        )
+                        .value(format!("{l} listings"))
+                        .reference(format!("{} pushes", t.n))
+                        .ratio(l as f64 / t.n as f64, None)
+                        .target(
+                            "no rescan per push (listings ≪ pushes)",
+                            (l as f64) < (t.n as f64 / 100.0).max(3.0),
+                        )
+                        .note("getdents64 on ready/ returning 0 (end of a listing), counted by strace --seccomp-bpf"),
+                    );
+                }
+                Err(e) => rows.push(Row::skipped("8", "push storm: ready/ listings", format!("failed: {e}"))),
+            }
+        }
+    }
+    Ok(rows)
+}
+
+/// Runs `f` on a thread; gives up (leaving it) after `limit`.
+fn with_limit<T: Send + 'static>(limit: Duration, f: impl FnOnce() -> R<T> + Send + 'static) -> R<T> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let r =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|_| Err("panicked".to_string()));
+        let _ = tx.send(r);
+    });
+    rx.recv_timeout(limit)
+        .unwrap_or_else(|_| Err(format!("no answer within {} s", limit.as_secs())))
+}
+
+fn redis_rows(cfg: &Cfg, note: &mut Vec<String>) -> Vec<Row> {
+    let server = match redis::Server::start(&cfg.dir.join("redis")) {
+        Ok(s) => s,
+        Err(e) => {
+            return vec![Row::skipped(
+                "9",
+                "Redis store",
+                format!("cannot start redis-server: {e}"),
+            )];
+        }
+    };
+    note.push(format!(
+        "Redis {} on 127.0.0.1:{}, `--appendonly yes --appendfsync always` (fsync per write), started and stopped by the harness",
+        server.version, server.port
+    ));
+    let port = server.port;
+    let target = move |name: &str| format!("redis://127.0.0.1:{port}/0?queue={name}");
+    let mut rows = Vec::new();
+    let limit = Duration::from_secs(if cfg.quick { 20 } else { 120 });
+    // Each group runs on its own thread with a time limit: the store is new and may hang.
+    let c = Cfg {
+        only: None,
+        ..clone_sizes(cfg)
+    };
+    let r = with_limit(limit, move || Ok(pushes(&c, "redis", &target, "/9")));
+    match r {
+        Ok(v) => rows.extend(v),
+        Err(e) => rows.push(Row::skipped("9", "redis: pushes", e)),
+    }
+    let c = clone_sizes(cfg);
+    let r = with_limit(limit, move || Ok(claims(&c, "redis", &target, "3/9")));
+    match r {
+        Ok(v) => rows.extend(v),
+        Err(e) => rows.push(Row::skipped("9", "redis: claim + ack", e)),
+    }
+    let url = server.url("latency");
+    let n = cfg.latency_n;
+    let latency_limit = Duration::from_secs(30).min(limit);
+    match with_limit(latency_limit, move || latency_rows("redis", &url, n, "6/9")) {
+        Ok(v) => rows.extend(v),
+        Err(e) => rows.push(Row::skipped("6/9", "redis: wake-up latency", format!("failed: {e}"))),
+    }
+    for r in &mut rows {
+        if r.verdict == Verdict::Skipped && !r.workload.contains("redis") {
+            r.workload = format!("redis: {}", r.workload);
+        }
+    }
+    drop(server);
+    rows
+}
+
+/// The sizes of `cfg` (for threads that need their own copy).
+fn clone_sizes(c: &Cfg) -> Cfg {
+    Cfg {
+        quick: c.quick,
+        dir: c.dir.clone(),
+        out: c.out.clone(),
+        bin: c.bin.clone(),
+        only: c.only.clone(),
+        backlogs: c.backlogs.clone(),
+        redis: c.redis,
+        peers: c.peers,
+        slow_peers: c.slow_peers,
+        peers_dir: c.peers_dir.clone(),
+        peer_n: c.peer_n,
+        peer_timeout: c.peer_timeout,
+        strace: c.strace,
+        push_n: c.push_n,
+        cli_push_n: c.cli_push_n,
+        batch_n: c.batch_n,
+        claim_n: c.claim_n,
+        run_n: c.run_n,
+        drain_k: c.drain_k,
+        latency_n: c.latency_n,
+        idle_settle: c.idle_settle,
+        idle_window: c.idle_window,
+        storm_n: c.storm_n,
+        durable_ref_n: c.durable_ref_n,
+        spawn_ref_n: c.spawn_ref_n,
+    }
+}
+
+/// Peers, and jobspool's figures of the same class at the same N, in the same run.
+fn peer_rows(cfg: &Cfg) -> Vec<PeerRow> {
+    let Some(dir) = &cfg.peers_dir else {
+        return vec![PeerRow {
+            peer: "all".into(),
+            variant: String::new(),
+            n: 0,
+            enqueue: None,
+            drain: None,
+            durability: String::new(),
+            ours: None,
+            note: "skipped: peer scripts not found (--peers-dir)".into(),
+        }];
+    };
+    let n = cfg.peer_n;
+    let logs = cfg.dir.join("peer-logs");
+    let _ = std::fs::create_dir_all(&logs);
+    // jobspool, same class, same N, same run.
+    progress("jobspool figures for the peer comparison");
+    let lib = (|| -> R<(f64, f64)> {
+        let q = work::scratch(&cfg.dir, "peer-lib");
+        let t = q.to_string_lossy().into_owned();
+        let e = work::push_one(&t, n)?;
+        let (_, d) = work::claim_ack(&t, 2)?;
+        Ok((e, d))
+    })();
+    let cli = cfg.bin.as_ref().map(|bin| -> R<(f64, f64)> {
+        let q = work::scratch(&cfg.dir, "peer-cli");
+        let t = q.to_string_lossy().into_owned();
+        let e = work::cli_push(bin, &t, n)?;
+        let q2 = work::scratch(&cfg.dir, "peer-cli-run");
+        let d = work::cli_run_drain(bin, &q2.to_string_lossy(), n, 2, &q2.with_extension("log"))?;
+        Ok((e, d))
+    });
+    let mut rows = Vec::new();
+    for p in peers::PEERS {
+        if p.slow && !cfg.slow_peers {
+            rows.push(PeerRow {
+                peer: p.name.into(),
+                variant: p.argv[4..].join(" "),
+                n: 0,
+                enqueue: None,
+                drain: None,
+                durability: String::new(),
+                ours: None,
+                note: "skipped: slow (minutes per run); --slow-peers runs it".into(),
+            });
+            continue;
+        }
+        progress(&format!("peer {}", p.name));
+        let mut got = peers::run(
+            dir,
+            p,
+            n,
+            1,
+            Duration::from_secs(cfg.peer_timeout),
+            &logs.join(format!("{}.log", p.name)),
+        );
+        for r in &mut got {
+            if r.enqueue.is_none() && r.drain.is_none() {
+                continue;
+            }
+            r.ours = match p.class {
+                peers::Class::InProcess => lib
+                    .as_ref()
+                    .ok()
+                    .map(|(e, d)| ("library push 1/call, claim+ack 2 threads".to_string(), *e, *d)),
+                peers::Class::Process => match &cli {
+                    Some(Ok((e, d))) => Some(("CLI push 1/process, `run -j 2 -- true`".to_string(), *e, *d)),
+                    _ => None,
+                },
+            };
+            if r.n != n as u64 {
+                r.note = format!("{} (jobspool figures at N={n})", r.note).trim().to_string();
+            }
+        }
+        rows.extend(got);
+    }
+    if let Err(e) = &lib {
+        eprintln!("bench: jobspool library figures for peers failed: {e}");
+    }
+    rows
+}
+
+/// Writes the results file (also called between items, so that an interrupted run keeps what it
+/// measured).
+fn write_out(
+    cfg: &Cfg,
+    machine: &str,
+    command: &[String],
+    started: Instant,
+    notes: &[String],
+    rows: &[Row],
+    peer_table: Option<&[PeerRow]>,
+) -> String {
+    let mut md = String::new();
+    md.push_str("## Machine\n\n");
+    md.push_str(machine);
+    md.push_str(&format!(
+        "- command: `{}`; took {:.0} s\n",
+        command.join(" "),
+        started.elapsed().as_secs_f64()
+    ));
+    for n in notes {
+        md.push_str(&format!("- {n}\n"));
+    }
+    md.push_str("\n## Results\n\nEvery ratio is against a reference measured in this run on the same file system: for items 1–4 just before and just after the workload (the mean of the two), for item 8 just before it; item 5 compares with its own smallest backlog.\n\n");
+    md.push_str(&report::table(rows));
+    if let Some(p) = &peer_table {
+        md.push_str("\n## Peers (same run)\n\n");
+        md.push_str(&report::peer_table(p));
+    }
+    if let Some(parent) = cfg.out.parent() {
+        let _ = std::fs::create_dir_all(parent);
+    }
+    if let Err(e) = std::fs::write(&cfg.out, &md) {
+        eprintln!("bench: writing {}: {e}", cfg.out.display());
+    }
+    md
+}
+
+fn main() {
+    let cfg = match parse_args() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("bench: {e}");
+            std::process::exit(2);
+        }
+    };
+    if let Err(e) = std::fs::create_dir_all(cfg.dir.join("phys")) {
+        eprintln!("bench: {}: {e}", cfg.dir.display());
+        std::process::exit(2);
+    }
+    let started = *START.get_or_init(Instant::now);
+    let machine = report::machine(&cfg.dir, cfg.bin.as_deref());
+    let command: Vec<String> = std::env::args().collect();
+    let dir = cfg.dir.clone();
+    let target = move |name: &str| work::scratch(&dir, name).to_string_lossy().into_owned();
+    let mut rows: Vec<Row> = Vec::new();
+    let mut notes: Vec<String> = Vec::new();
+
+    rows.extend(pushes(&cfg, "dir", &target, ""));
+    if cfg.wants("3") {
+        rows.extend(claims(&cfg, "dir", &target, "3"));
+    }
+    let bin = cfg.bin.clone();
+    let no_bin =
+        |item: &str, what: &str| Row::skipped(item, what, "jobspool binary not found (build it, or --jobspool PATH)");
+    write_out(&cfg, &machine, &command, started, &notes, &rows, None);
+    if cfg.wants("4") {
+        match &bin {
+            Some(b) => rows.extend(runs(&cfg, b)),
+            None => rows.push(no_bin("4", "jobspool run -- true")),
+        }
+    }
+    write_out(&cfg, &machine, &command, started, &notes, &rows, None);
+    if cfg.wants("5") {
+        rows.extend(backlogs(&cfg));
+    }
+    write_out(&cfg, &machine, &command, started, &notes, &rows, None);
+    if cfg.wants("6") {
+        progress("wake-up latency");
+        let q = target("latency");
+        skip_on_err(
+            &mut rows,
+            "6",
+            "wake-up latency",
+            latency_rows("dir", &q, cfg.latency_n, "6"),
+        );
+    }
+    write_out(&cfg, &machine, &command, started, &notes, &rows, None);
+    if cfg.wants("7") {
+        progress("idle runner");
+        match &bin {
+            Some(b) => skip_on_err(&mut rows, "7", "idle runner", idle_rows(&cfg, b)),
+            None => rows.push(no_bin("7", "idle runner")),
+        }
+    }
+    write_out(&cfg, &machine, &command, started, &notes, &rows, None);
+    if cfg.wants("8") {
+        progress("push storm");
+        match &bin {
+            Some(b) => skip_on_err(&mut rows, "8", "push storm", storm_rows(&cfg, b)),
+            None => rows.push(no_bin("8", "push storm")),
+        }
+    }
+    write_out(&cfg, &machine, &command, started, &notes, &rows, None);
+    if cfg.wants("9") {
+        if cfg.redis {
+            progress("Redis store");
+            rows.extend(redis_rows(&cfg, &mut notes));
+        } else {
+            rows.push(Row::skipped("9", "Redis store", "not asked for (--redis or --full)"));
+        }
+    }
+    write_out(&cfg, &machine, &command, started, &notes, &rows, None);
+    let peer_table = if cfg.peers && cfg.wants("peers") {
+        Some(peer_rows(&cfg))
+    } else {
+        None
+    };
+
+    let md = write_out(&cfg, &machine, &command, started, &notes, &rows, peer_table.as_deref());
+    println!("{md}");
+    eprintln!("bench: results written to {}", cfg.out.display());
+}
