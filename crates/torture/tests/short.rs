@@ -59,3 +59,13 @@ fn kill_at_every_syscall() {
 fn io_errors() {
     run("io-errors");
 }
+
+#[test]
+fn corruption() {
+    run("corruption");
+}
+
+#[test]
+fn foreign_entries() {
+    run("foreign-entries");
+}

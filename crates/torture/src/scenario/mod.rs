@@ -1,5 +1,7 @@
 //! The scenarios. Each returns its figures; a scenario fails when any violation is recorded.
 
+pub mod corruption;
+pub mod foreign;
 pub mod syscalls;
 
 use serde::Serialize;
@@ -86,5 +88,7 @@ pub fn all() -> Vec<(&'static str, Scenario)> {
     vec![
         ("kill-at-every-syscall", syscalls::kill_at_every_syscall),
         ("io-errors", syscalls::io_errors),
+        ("corruption", corruption::corruption),
+        ("foreign-entries", foreign::foreign),
     ]
 }
