@@ -654,3 +654,34 @@ fn logs_follow_a_job_until_it_ends_and_status_lists_runners() {
         "a killed runner's entry is recognised as gone: {status}"
     );
 }
+
+/// Found by the torture suite (poison-jobs): a job that killed its runner on its last attempt
+/// went dead when the next runner took its claim back, but `run --drain` still exited 0 ("no
+/// job went dead during the run") and the runner's dead count missed it.
+#[test]
+fn a_job_buried_when_its_claim_is_taken_back_makes_drain_exit_1() {
+    let (_d, q) = queue();
+    let qs = q_str(&q);
+    push(&q, &["--id", "poison", "--max-attempts", "1", "--payload", "x"]);
+    // The handler kills its runner: the claim is left behind with no attempts remaining.
+    let o = run(&[
+        "run",
+        qs,
+        "--drain",
+        "-j",
+        "1",
+        "--",
+        "sh",
+        "-c",
+        "kill -9 $PPID; sleep 5",
+    ]);
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&o.status),
+        Some(9),
+        "{}",
+        stderr(&o)
+    );
+    let o = run(&["run", qs, "--drain", "-j", "1", "--", "true"]);
+    assert_eq!(o.status.code(), Some(1), "a job went dead in this run: {}", stderr(&o));
+    assert_eq!(stats(&q)["dead"], 1);
+}

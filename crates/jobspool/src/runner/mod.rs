@@ -555,6 +555,11 @@ async fn reclaim(sh: &Arc<Shared>, report: &mut RunReport) {
         Ok(list) => {
             for r in list {
                 report.reclaimed += 1;
+                // Out of attempts: the job went dead during this run, like a buried one.
+                if r.buried {
+                    report.dead += 1;
+                    tracing::error!(job = %r.id, attempt = r.attempts, "dead: its claim was taken back with no attempts left");
+                }
                 let token = r.old_token.clone();
                 let killed = blocking(move || orphans::kill_by_lease(&token)).await;
                 if killed > 0 {
