@@ -571,6 +571,16 @@ async fn reclaim(sh: &Arc<Shared>, report: &mut RunReport) {
     }
 }
 
+/// An anonymous memory file holding `payload`, positioned at its start.
+fn payload_file(payload: &[u8]) -> std::io::Result<std::fs::File> {
+    use std::io::{Seek, Write};
+    let fd = nix::sys::memfd::memfd_create("jobspool-payload", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)?;
+    let mut f = std::fs::File::from(fd);
+    f.write_all(payload)?;
+    f.rewind()?;
+    Ok(f)
+}
+
 /// The last `lines` lines of `bytes`, at most `max` bytes, as text.
 fn tail(bytes: &[u8], lines: usize, max: usize) -> String {
     let bytes = &bytes[bytes.len().saturating_sub(max)..];
@@ -757,10 +767,16 @@ async fn supervise_command(
         },
     };
     let payload = job.payload;
+    // The payload is whole before the handler starts: a memory file, not a pipe, so that a
+    // runner killed while feeding it can never hand a handler a truncated payload that reads as
+    // complete (end of file on the pipe reaches the handler before its parent-death signal).
     let stdin = if payload.is_empty() {
         Stdio::null()
     } else {
-        Stdio::piped()
+        match payload_file(&payload) {
+            Ok(f) => Stdio::from(f),
+            Err(e) => return (Ended::SpawnFailed(format!("writing the payload: {e}")), log),
+        }
     };
     let spawned = child::Handler::spawn(Spawn {
         argv: &argv,
@@ -769,7 +785,7 @@ async fn supervise_command(
         stdout,
         stderr,
     });
-    let mut handler = match spawned {
+    let handler = match spawned {
         Ok(h) => {
             sh.reaper.lock().unwrap_or_else(|e| e.into_inner()).watch(h.pid());
             h
@@ -779,16 +795,6 @@ async fn supervise_command(
             return (Ended::SpawnFailed(format!("{program}: {e}")), log);
         }
     };
-    // Feed the payload; a handler that does not read it just closes the pipe early.
-    if let Some(stdin) = handler.take_stdin() {
-        let fd: std::os::fd::OwnedFd = stdin.into();
-        tokio::spawn(async move {
-            use tokio::io::AsyncWriteExt;
-            if let Ok(mut tx) = tokio::net::unix::pipe::Sender::from_owned_fd(fd) {
-                let _ = tx.write_all(&payload).await;
-            }
-        });
-    }
     // Copy piped output into the log on a blocking thread.
     let copier = pipe_read.map(|r| {
         let mut log = log;
