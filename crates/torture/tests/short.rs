@@ -69,3 +69,13 @@ fn corruption() {
 fn foreign_entries() {
     run("foreign-entries");
 }
+
+#[test]
+fn hostile_ids_and_commands() {
+    run("hostile-ids-and-commands");
+}
+
+#[test]
+fn poison_jobs() {
+    run("poison-jobs");
+}

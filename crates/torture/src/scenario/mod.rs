@@ -2,6 +2,7 @@
 
 pub mod corruption;
 pub mod foreign;
+pub mod hostile;
 pub mod syscalls;
 
 use serde::Serialize;
@@ -90,5 +91,7 @@ pub fn all() -> Vec<(&'static str, Scenario)> {
         ("io-errors", syscalls::io_errors),
         ("corruption", corruption::corruption),
         ("foreign-entries", foreign::foreign),
+        ("hostile-ids-and-commands", hostile::hostile),
+        ("poison-jobs", hostile::poison),
     ]
 }
