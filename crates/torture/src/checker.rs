@@ -77,6 +77,7 @@ pub struct Report {
     pub power_cuts: u64,
     pub redeliveries_after_retry: u64,
     pub lost: u64,
+    pub vanished: u64,
     pub unexpected: u64,
     pub stale_ack_accepted: u64,
     pub acked_twice: u64,
@@ -104,6 +105,7 @@ impl Report {
     /// True when the history keeps the contract.
     pub fn is_ok(&self) -> bool {
         self.lost == 0
+            && self.vanished == 0
             && self.unexpected == 0
             && self.stale_ack_accepted == 0
             && self.acked_twice == 0
@@ -127,6 +129,7 @@ impl Report {
         self.power_cuts += o.power_cuts;
         self.redeliveries_after_retry += o.redeliveries_after_retry;
         self.lost += o.lost;
+        self.vanished += o.vanished;
         self.unexpected += o.unexpected;
         self.stale_ack_accepted += o.stale_ack_accepted;
         self.acked_twice += o.acked_twice;
@@ -145,7 +148,7 @@ impl Report {
         let dups: Vec<String> = self.duplicates.iter().map(|(c, n)| format!("{c}={n}")).collect();
         format!(
             "pushes ok={} failed={} unknown={}; deliveries={} acks={} transitions ok={} failed={} unknown={}; \
-             kills={} stops={} power-cuts={}; lost={} unexpected={} stale_ack_accepted={} acked_twice={} \
+             kills={} stops={} power-cuts={}; lost={} vanished={} unexpected={} stale_ack_accepted={} acked_twice={} \
              stranded={} dead={} quarantined-as-expected={}; duplicates={} [{}] unexplained={}",
             self.pushes_ok,
             self.pushes_failed,
@@ -159,6 +162,7 @@ impl Report {
             self.stops,
             self.power_cuts,
             self.lost,
+            self.vanished,
             self.unexpected,
             self.stale_ack_accepted,
             self.acked_twice,
@@ -227,14 +231,29 @@ fn operations(h: &[Entry]) -> Vec<Op> {
                     op.leases = e.leases.clone();
                 }
             }
-            Ty::Info => {
+            // A process that died ends its operation with an unknown outcome; a freeze or a
+            // thaw does not end anything (the process may record its next line before the
+            // scenario records that it continued it).
+            Ty::Info if matches!(e.f, F::Kill | F::Exit) => {
                 if let Some(k) = pending.remove(e.p.as_str()) {
                     ops[k].ended = i;
                 }
             }
+            Ty::Info if e.f == F::PowerCut => {
+                for (_, k) in pending.drain() {
+                    ops[k].ended = i;
+                }
+            }
+            Ty::Info => {}
         }
     }
     ops
+}
+
+/// The lease duration written in a directory store's lease token
+/// (`PPPP.T.A.RUNNER.CLAIMED.LEASEMS.NONCE.ID`); unknown tokens count as infinite.
+fn lease_ms(token: &str) -> u64 {
+    token.split('.').nth(5).and_then(|s| s.parse().ok()).unwrap_or(u64::MAX)
 }
 
 /// Checks `h` (in order) against what the final drain left.
@@ -266,7 +285,8 @@ pub fn check(h: &[Entry], fin: &Final) -> Report {
 
     // Events of the scenario.
     let mut kills: HashMap<&str, Vec<usize>> = HashMap::new();
-    let mut stops: HashMap<&str, Vec<(usize, usize)>> = HashMap::new();
+    // (stop index, continue index, stop time, continue time)
+    let mut stops: HashMap<&str, Vec<(usize, usize, u64, u64)>> = HashMap::new();
     let mut exits: HashMap<&str, Vec<usize>> = HashMap::new();
     let mut cuts: Vec<usize> = Vec::new();
     for (i, e) in h.iter().enumerate() {
@@ -280,12 +300,13 @@ pub fn check(h: &[Entry], fin: &Final) -> Report {
             }
             F::Stop => {
                 r.stops += 1;
-                stops.entry(&e.p).or_default().push((i, usize::MAX));
+                stops.entry(&e.p).or_default().push((i, usize::MAX, e.t, u64::MAX));
             }
             F::Cont => {
                 if let Some(last) = stops.get_mut(e.p.as_str()).and_then(|v| v.last_mut()) {
                     if last.1 == usize::MAX {
                         last.1 = i;
+                        last.3 = e.t;
                     }
                 }
             }
@@ -402,12 +423,12 @@ pub fn check(h: &[Entry], fin: &Final) -> Report {
                 Cause::Unexplained
             } else if within(kills.get(prev.p.as_str())) {
                 Cause::RunnerKilled
-            } else if stops
-                .get(prev.p.as_str())
-                .into_iter()
-                .flatten()
-                .any(|&(s, c)| s > prev.invoked && s < next.invoked && c > next.invoked)
-            {
+            } else if stops.get(prev.p.as_str()).into_iter().flatten().any(|&(s, c, st, ct)| {
+                // Frozen across the next delivery, or for longer than its lease.
+                s > prev.invoked
+                    && s < next.invoked
+                    && (c > next.invoked || ct.saturating_sub(st) >= lease_ms(&prev.lease))
+            }) {
                 Cause::LeaseExpiredFrozen
             } else if within(exits.get(prev.p.as_str()))
                 && ends.iter().any(|t| t.outcome != Outcome::Ok && t.ended < next.invoked)
@@ -430,18 +451,32 @@ pub fn check(h: &[Entry], fin: &Final) -> Report {
         }
     }
 
-    // Lost jobs.
-    let acked: HashSet<&str> = acks.keys().copied().collect();
-    let mut lost: Vec<&&str> = push_ok
+    // Lost jobs: pushed with success, never delivered, not dead. Vanished jobs: delivered, but
+    // no acknowledgement or burial of them may have happened, and they are not in the queue.
+    let mut finished: HashSet<&str> = HashSet::new();
+    for op in ops
         .iter()
-        .filter(|j| !acked.contains(**j) && !fin.dead.contains(**j) && !fin.reported.contains(**j))
-        .collect();
-    lost.sort();
-    for j in lost {
-        r.lost += 1;
-        r.problems.push(format!(
-            "lost: the push of job {j} succeeded but it was never acknowledged nor dead"
-        ));
+        .filter(|o| matches!(o.f, F::Ack | F::Bury) && o.outcome != Outcome::Fail)
+    {
+        finished.insert(&op.job);
+    }
+    let mut ok: Vec<&str> = push_ok.iter().copied().collect();
+    ok.sort();
+    for j in ok {
+        if fin.dead.contains(j) || fin.reported.contains(j) {
+            continue;
+        }
+        if !deliveries.contains_key(j) {
+            r.lost += 1;
+            r.problems.push(format!(
+                "lost: the push of job {j} succeeded but it was never delivered"
+            ));
+        } else if !finished.contains(j) && !fin.stranded.iter().any(|s| s.ends_with(&format!(" {j}"))) {
+            r.vanished += 1;
+            r.problems.push(format!(
+                "vanished: job {j} was delivered but never acknowledged, and is gone"
+            ));
+        }
     }
     r.stranded = fin.stranded.len() as u64;
     for s in &fin.stranded {
@@ -513,6 +548,35 @@ mod tests {
             ..Final::default()
         };
         assert!(check(&h, &fin).is_ok());
+    }
+
+    #[test]
+    fn flags_a_job_delivered_then_gone_without_an_ack() {
+        let mut h = Vec::new();
+        push(&mut h, "a", "j1", Ty::Ok);
+        push(&mut h, "a", "j2", Ty::Ok);
+        claim(&mut h, "r", "j1", "L1");
+        claim(&mut h, "r", "j2", "L2");
+        // j2's ack may have happened (its runner died during it): not vanished.
+        tr(&mut h, "r", F::Ack, "j2", "L2", Ty::Invoke);
+        h.push(e("r", Ty::Info, F::Kill, "", ""));
+        let r = check(&h, &Final::default());
+        assert_eq!((r.lost, r.vanished), (0, 1), "{:?}", r.problems);
+        assert!(!r.is_ok());
+    }
+
+    #[test]
+    fn a_thaw_recorded_after_the_process_resumed_does_not_end_its_operation() {
+        let mut h = Vec::new();
+        push(&mut h, "a", "j1", Ty::Ok);
+        h.push(e("r", Ty::Info, F::Stop, "", ""));
+        h.push(e("r", Ty::Invoke, F::Claim, "", ""));
+        h.push(e("r", Ty::Info, F::Cont, "", ""));
+        h.push(e("r", Ty::Ok, F::Claim, "j1", "L1"));
+        tr(&mut h, "r", F::Ack, "j1", "L1", Ty::Ok);
+        let r = check(&h, &Final::default());
+        assert!(r.is_ok(), "{:?}", r.problems);
+        assert_eq!(r.deliveries, 1);
     }
 
     #[test]

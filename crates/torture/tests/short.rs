@@ -79,3 +79,8 @@ fn hostile_ids_and_commands() {
 fn poison_jobs() {
     run("poison-jobs");
 }
+
+#[test]
+fn chaos() {
+    run("chaos");
+}

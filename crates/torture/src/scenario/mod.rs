@@ -1,5 +1,6 @@
 //! The scenarios. Each returns its figures; a scenario fails when any violation is recorded.
 
+pub mod chaos;
 pub mod corruption;
 pub mod foreign;
 pub mod hostile;
@@ -89,6 +90,7 @@ pub fn all() -> Vec<(&'static str, Scenario)> {
     vec![
         ("kill-at-every-syscall", syscalls::kill_at_every_syscall),
         ("io-errors", syscalls::io_errors),
+        ("chaos", chaos::chaos_scenario),
         ("corruption", corruption::corruption),
         ("foreign-entries", foreign::foreign),
         ("hostile-ids-and-commands", hostile::hostile),
