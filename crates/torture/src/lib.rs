@@ -78,6 +78,8 @@ pub fn have_strace() -> bool {
 /// A queue directory and its history, in a temp dir removed on drop.
 pub struct Run {
     pub dir: tempfile::TempDir,
+    /// Holds the history, always on the system's temp file system (never on a faulted one).
+    pub hdir: tempfile::TempDir,
     pub queue: PathBuf,
     pub history: PathBuf,
     /// The scenario's own recorder (kills, stops, the drain).
@@ -94,10 +96,12 @@ impl Run {
         };
         let queue = dir.path().join("q");
         jobspool::store::dir::init(&queue, &Default::default()).expect("init queue");
-        let history = dir.path().join("history.jsonl");
+        let hdir = tempfile::tempdir().expect("temp dir");
+        let history = hdir.path().join("history.jsonl");
         let rec = Recorder::open(&history, "scenario").expect("history");
         Run {
             dir,
+            hdir,
             queue,
             history,
             rec,

@@ -84,3 +84,8 @@ fn poison_jobs() {
 fn chaos() {
     run("chaos");
 }
+
+#[test]
+fn full_disk() {
+    run("full-disk");
+}

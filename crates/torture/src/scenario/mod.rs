@@ -2,6 +2,7 @@
 
 pub mod chaos;
 pub mod corruption;
+pub mod disk;
 pub mod foreign;
 pub mod hostile;
 pub mod syscalls;
@@ -90,6 +91,7 @@ pub fn all() -> Vec<(&'static str, Scenario)> {
     vec![
         ("kill-at-every-syscall", syscalls::kill_at_every_syscall),
         ("io-errors", syscalls::io_errors),
+        ("full-disk", disk::full_disk),
         ("chaos", chaos::chaos_scenario),
         ("corruption", corruption::corruption),
         ("foreign-entries", foreign::foreign),
