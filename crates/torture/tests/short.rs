@@ -89,3 +89,8 @@ fn chaos() {
 fn full_disk() {
     run("full-disk");
 }
+
+#[test]
+fn multi_user() {
+    run("multi-user");
+}

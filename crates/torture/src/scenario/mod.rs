@@ -5,6 +5,7 @@ pub mod corruption;
 pub mod disk;
 pub mod foreign;
 pub mod hostile;
+pub mod multiuser;
 pub mod syscalls;
 
 use serde::Serialize;
@@ -95,6 +96,7 @@ pub fn all() -> Vec<(&'static str, Scenario)> {
         ("chaos", chaos::chaos_scenario),
         ("corruption", corruption::corruption),
         ("foreign-entries", foreign::foreign),
+        ("multi-user", multiuser::multi_user),
         ("hostile-ids-and-commands", hostile::hostile),
         ("poison-jobs", hostile::poison),
     ]
