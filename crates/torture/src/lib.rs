@@ -220,6 +220,7 @@ impl Run {
                 _ => std::thread::sleep(Duration::from_millis(25)),
             }
         }
+        let _ = store.retire();
         drop(store);
         final_state(&self.queue)
     }

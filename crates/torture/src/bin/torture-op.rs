@@ -186,6 +186,8 @@ fn run(queue: &str, rec: &Recorder, op: &str, rest: &[String]) -> jobspool::Resu
             let store = open(queue)?;
             let ok = reclaim(&store, rec);
             let gc = store.collect_garbage().is_ok();
+            // A runner that exits cleanly withdraws its registration.
+            let _ = store.retire();
             Ok(if ok && gc { 0 } else { 1 })
         }
         "worker" => {
