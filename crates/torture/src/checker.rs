@@ -350,6 +350,11 @@ pub fn check(h: &[Entry], fin: &Final) -> Report {
         }
     }
 
+    // Deliveries in the order they took effect: a claim invoked first may well finish last.
+    for ds in deliveries.values_mut() {
+        ds.sort_by_key(|d| d.ended);
+    }
+
     // Unexpected deliveries.
     for (job, ds) in &deliveries {
         if !push_tried.get(job).copied().unwrap_or(false) {
@@ -375,7 +380,7 @@ pub fn check(h: &[Entry], fin: &Final) -> Report {
         let later_claim = claims_of.get(op.job.as_str()).into_iter().flatten().any(|c| {
             c.lease != op.lease
                 && c.ended < op.invoked
-                && mine.is_none_or(|m| c.invoked > m.invoked)
+                && mine.is_none_or(|m| c.ended > m.ended)
                 && !cut_between(c.ended, op.invoked)
         });
         let reclaimed = reclaimed_at.get(op.lease.as_str()).is_some_and(|&at| at < op.invoked);
@@ -411,7 +416,13 @@ pub fn check(h: &[Entry], fin: &Final) -> Report {
                 ends.iter()
                     .any(|t| t.f == f && t.outcome == Outcome::Ok && t.ended < next.invoked)
             };
-            if concluded(F::Retry) || concluded(F::Release) {
+            // A retry or release that began before the next claim ended may have put the job
+            // back before that claim took it (concurrent operations linearize either way).
+            let gave_back = |f: F| {
+                ends.iter()
+                    .any(|t| t.f == f && t.outcome == Outcome::Ok && t.invoked < next.ended)
+            };
+            if gave_back(F::Retry) || gave_back(F::Release) {
                 r.redeliveries_after_retry += 1;
                 continue;
             }
@@ -577,6 +588,35 @@ mod tests {
         let r = check(&h, &Final::default());
         assert!(r.is_ok(), "{:?}", r.problems);
         assert_eq!(r.deliveries, 1);
+    }
+
+    #[test]
+    fn a_claim_concurrent_with_the_retry_that_freed_the_job_is_no_duplicate() {
+        let mut h = Vec::new();
+        push(&mut h, "a", "j1", Ty::Ok);
+        claim(&mut h, "r1", "j1", "L1");
+        h.push(e("r1", Ty::Invoke, F::Retry, "j1", "L1"));
+        h.push(e("r2", Ty::Invoke, F::Claim, "", ""));
+        h.push(e("r1", Ty::Ok, F::Retry, "j1", "L1"));
+        h.push(e("r2", Ty::Ok, F::Claim, "j1", "L2"));
+        tr(&mut h, "r2", F::Ack, "j1", "L2", Ty::Ok);
+        let r = check(&h, &Final::default());
+        assert!(r.is_ok(), "{:?}", r.problems);
+        assert_eq!(r.redeliveries_after_retry, 1);
+    }
+
+    #[test]
+    fn deliveries_are_ordered_by_when_the_claims_ended() {
+        let mut h = Vec::new();
+        push(&mut h, "a", "j1", Ty::Ok);
+        h.push(e("slow", Ty::Invoke, F::Claim, "", ""));
+        claim(&mut h, "fast", "j1", "L1");
+        tr(&mut h, "fast", F::Retry, "j1", "L1", Ty::Ok);
+        h.push(e("slow", Ty::Ok, F::Claim, "j1", "L2"));
+        tr(&mut h, "slow", F::Heartbeat, "j1", "L2", Ty::Ok);
+        tr(&mut h, "slow", F::Ack, "j1", "L2", Ty::Ok);
+        let r = check(&h, &Final::default());
+        assert!(r.is_ok(), "{:?}", r.problems);
     }
 
     #[test]

@@ -183,45 +183,8 @@ impl Run {
 
     /// Drains the queue without faults, recording every operation, and returns what is left.
     pub fn drain(&self, limit: Duration) -> Final {
-        let store = DirStore::open(&self.queue, false).expect("open queue for the drain");
         let rec = Recorder::open(&self.history, "drain").expect("history");
-        let start = Instant::now();
-        while start.elapsed() < limit {
-            rec.log(Ty::Invoke, F::Reclaim, "", "");
-            match store.reclaim(1_000_000) {
-                Ok(v) => {
-                    let mut e = Entry::new("drain", Ty::Ok, F::Reclaim);
-                    e.leases = v.into_iter().map(|r| r.old_token).collect();
-                    rec.record(&e);
-                }
-                Err(e) => rec.record(&Entry::new("drain", Ty::Fail, F::Reclaim).err(e)),
-            }
-            rec.log(Ty::Invoke, F::Claim, "", "");
-            match store.claim(Duration::from_secs(600)) {
-                Ok(Some(c)) => {
-                    rec.log(Ty::Ok, F::Claim, c.lease.id.as_str(), &c.lease.token);
-                    rec.log(Ty::Invoke, F::Ack, c.lease.id.as_str(), &c.lease.token);
-                    match store.ack(&c.lease) {
-                        Ok(()) => rec.log(Ty::Ok, F::Ack, c.lease.id.as_str(), &c.lease.token),
-                        Err(e) => rec.record(
-                            &Entry::new("drain", Ty::Fail, F::Ack)
-                                .job(c.lease.id.as_str())
-                                .lease(&c.lease.token)
-                                .err(e),
-                        ),
-                    }
-                    continue;
-                }
-                Ok(None) => rec.log(Ty::Ok, F::Claim, "", ""),
-                Err(e) => rec.record(&Entry::new("drain", Ty::Fail, F::Claim).err(e)),
-            }
-            match store.idle() {
-                Ok(i) if i.is_idle() => break,
-                _ => std::thread::sleep(Duration::from_millis(25)),
-            }
-        }
-        let _ = store.retire();
-        drop(store);
+        drain_queue(&self.queue, &rec, limit);
         final_state(&self.queue)
     }
 
@@ -232,6 +195,49 @@ impl Run {
         r.torn_lines = torn as u64;
         r
     }
+}
+
+/// Claims and acknowledges every job until nothing is ready, scheduled or running (or `limit`
+/// passes), taking back the claims of dead claimers first, recording every operation.
+pub fn drain_queue(queue: &Path, rec: &Recorder, limit: Duration) {
+    let store = DirStore::open(queue, false).expect("open queue for the drain");
+    let p = rec.p.clone();
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        rec.log(Ty::Invoke, F::Reclaim, "", "");
+        match store.reclaim(1_000_000) {
+            Ok(v) => {
+                let mut e = Entry::new(&p, Ty::Ok, F::Reclaim);
+                e.leases = v.into_iter().map(|r| r.old_token).collect();
+                rec.record(&e);
+            }
+            Err(e) => rec.record(&Entry::new(&p, Ty::Fail, F::Reclaim).err(e)),
+        }
+        rec.log(Ty::Invoke, F::Claim, "", "");
+        match store.claim(Duration::from_secs(600)) {
+            Ok(Some(c)) => {
+                rec.log(Ty::Ok, F::Claim, c.lease.id.as_str(), &c.lease.token);
+                rec.log(Ty::Invoke, F::Ack, c.lease.id.as_str(), &c.lease.token);
+                match store.ack(&c.lease) {
+                    Ok(()) => rec.log(Ty::Ok, F::Ack, c.lease.id.as_str(), &c.lease.token),
+                    Err(e) => rec.record(
+                        &Entry::new(&p, Ty::Fail, F::Ack)
+                            .job(c.lease.id.as_str())
+                            .lease(&c.lease.token)
+                            .err(e),
+                    ),
+                }
+                continue;
+            }
+            Ok(None) => rec.log(Ty::Ok, F::Claim, "", ""),
+            Err(e) => rec.record(&Entry::new(&p, Ty::Fail, F::Claim).err(e)),
+        }
+        match store.idle() {
+            Ok(i) if i.is_idle() => break,
+            _ => std::thread::sleep(Duration::from_millis(25)),
+        }
+    }
+    let _ = store.retire();
 }
 
 /// What a queue holds after a drain.

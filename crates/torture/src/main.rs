@@ -28,6 +28,18 @@ fn main() {
                 )
             }
             "--json" => json = Some(args.next().expect("--json FILE")),
+            "--check" => {
+                // Re-checks a kept history (TORTURE_KEEP=DIR keeps them); the queue's final state
+                // is not known here, so jobs dead at the end would count as lost.
+                let path = args.next().expect("--check HISTORY");
+                let (h, torn) = torture::history::read(std::path::Path::new(&path)).expect("read history");
+                let r = torture::checker::check(&h, &Default::default());
+                println!("{} (torn lines: {torn})", r.summary());
+                for p in &r.problems {
+                    println!("  {p}");
+                }
+                std::process::exit(if r.is_ok() { 0 } else { 1 });
+            }
             "--list" => {
                 for (name, _) in scenario::all() {
                     println!("{name}");
@@ -36,7 +48,7 @@ fn main() {
             }
             _ => {
                 eprintln!(
-                    "usage: torture [--long] [--scenario NAME]... [--seed N] [--duration 5m] [--json FILE] [--list]"
+                    "usage: torture [--long] [--scenario NAME]... [--seed N] [--duration 5m] [--json FILE] [--list] [--check HISTORY]"
                 );
                 std::process::exit(2);
             }

@@ -94,3 +94,8 @@ fn full_disk() {
 fn multi_user() {
     run("multi-user");
 }
+
+#[test]
+fn power_cut() {
+    run("power-cut");
+}

@@ -10,6 +10,7 @@
 //! - `recover`                    what a restarting runner does: open, reclaim, collect garbage
 //! - `worker LEASE_MS WORK_MS IDLE_EXIT_MS RETRY_PCT` claim and work until idle that long
 //! - `producer PREFIX N`          push N jobs PREFIX-0 … PREFIX-(N-1)
+//! - `drain [SECS]`               claim and acknowledge everything (the final, fault-free drain)
 //!
 //! It never logs through `write(2)` (no tracing subscriber is installed), so that fault injection
 //! on `write` only ever hits the store's own writes.
@@ -227,6 +228,10 @@ fn run(queue: &str, rec: &Recorder, op: &str, rest: &[String]) -> jobspool::Resu
                     Err(()) => std::thread::sleep(Duration::from_millis(20)),
                 }
             }
+        }
+        "drain" => {
+            torture::drain_queue(std::path::Path::new(queue), rec, Duration::from_secs(num(rest, 0, 120)));
+            Ok(0)
         }
         "producer" => {
             let store = open(queue)?;

@@ -61,6 +61,27 @@ impl Mount {
         })
     }
 
+    /// Loop-mounts an existing image (the mount point lives in a temp dir).
+    pub fn existing(img: &Path) -> Result<Mount, String> {
+        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let point = dir.path().join("mnt");
+        std::fs::create_dir(&point).map_err(|e| e.to_string())?;
+        let o = Command::new("mount")
+            .args(["-o", "loop"])
+            .arg(img)
+            .arg(&point)
+            .output()
+            .map_err(|e| e.to_string())?;
+        if !o.status.success() {
+            return Err(format!("mount -o loop: {}", String::from_utf8_lossy(&o.stderr).trim()));
+        }
+        Ok(Mount {
+            dir,
+            point,
+            kind: format!("{}", img.display()),
+        })
+    }
+
     /// A tmpfs capped in size and inodes.
     pub fn tmpfs(kb: u64, inodes: u64) -> Result<Mount, String> {
         let dir = tempfile::tempdir().map_err(|e| e.to_string())?;

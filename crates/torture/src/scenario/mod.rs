@@ -6,6 +6,7 @@ pub mod disk;
 pub mod foreign;
 pub mod hostile;
 pub mod multiuser;
+pub mod powercut;
 pub mod syscalls;
 
 use serde::Serialize;
@@ -94,6 +95,7 @@ pub fn all() -> Vec<(&'static str, Scenario)> {
         ("io-errors", syscalls::io_errors),
         ("full-disk", disk::full_disk),
         ("chaos", chaos::chaos_scenario),
+        ("power-cut", powercut::power_cut),
         ("corruption", corruption::corruption),
         ("foreign-entries", foreign::foreign),
         ("multi-user", multiuser::multi_user),
