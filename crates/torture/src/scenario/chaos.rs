@@ -162,7 +162,7 @@ pub fn chaos_scenario(env: &Env) -> Figures {
         producers: 2,
         workers: 3,
         jobs_per_producer: 50,
-        lease: Duration::from_millis(if env.long { 1000 } else { 600 }),
+        lease: Duration::from_millis(1000),
         work: Duration::from_millis(10),
         retry_pct: 10,
         fault_every: Duration::from_millis(150),
