@@ -3,7 +3,8 @@
 //!
 //! Faulted processes write to it through a descriptor they inherit as standard output, with
 //! `writev` — a system call the fault injector is never told to touch — and one call per line, so
-//! that lines from concurrent processes never interleave (`O_APPEND` on a regular file).
+//! that lines from concurrent processes never interleave (`O_APPEND` on a regular file). Only a
+//! writer killed in the middle of a line can leave a fragment (see [`read`]).
 //! The order of the lines is the order of the operations: an operation's `invoke` line is written
 //! before it starts and its `ok`/`fail` line after it returned; an `invoke` with no completion from
 //! a process that died is an operation of unknown outcome (Jepsen's `info`).
@@ -150,8 +151,8 @@ impl Recorder {
     }
 }
 
-/// Reads a history file; lines that do not parse (a line torn by a crash of the writer, which a
-/// single `writev` makes impossible on a local file system) are counted, not ignored.
+/// Reads a history file; lines that do not parse (torn by the death of their writer) are counted,
+/// and a whole line glued to a torn fragment is recovered.
 pub fn read(path: &Path) -> io::Result<(Vec<Entry>, usize)> {
     let text = std::fs::read(path)?;
     let mut out = Vec::new();
@@ -162,8 +163,40 @@ pub fn read(path: &Path) -> io::Result<(Vec<Entry>, usize)> {
         }
         match serde_json::from_slice(line) {
             Ok(e) => out.push(e),
-            Err(_) => bad += 1,
+            Err(_) => {
+                // A writer killed in the middle of its line (a fatal signal can cut a write to
+                // a regular file short at a page boundary) leaves a fragment that the next line
+                // is glued to: that fragment is dropped (the killed writer's operation stays
+                // unknown) and the glued line kept.
+                bad += 1;
+                let marker = b"{\"p\":\"";
+                if let Some(at) = line.windows(marker.len()).rposition(|w| w == marker) {
+                    if at > 0 {
+                        if let Ok(e) = serde_json::from_slice(&line[at..]) {
+                            out.push(e);
+                        }
+                    }
+                }
+            }
         }
     }
     Ok((out, bad))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_line_glued_to_a_torn_fragment_is_recovered() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("h");
+        let whole = serde_json::to_string(&Entry::new("b", Ty::Ok, F::Push).job("j2")).unwrap();
+        let text = format!("{{\"p\":\"a\",\"type\":\"ok\",\"f\":\"cl{whole}\n{whole}\n");
+        std::fs::write(&path, text).unwrap();
+        let (h, torn) = read(&path).unwrap();
+        assert_eq!(torn, 1);
+        assert_eq!(h.len(), 2);
+        assert_eq!(h[0].job, "j2");
+    }
 }

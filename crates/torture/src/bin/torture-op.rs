@@ -238,7 +238,10 @@ fn run(queue: &str, rec: &Recorder, op: &str, rest: &[String]) -> jobspool::Resu
             let prefix = rest.first().cloned().unwrap_or_else(|| "job".into());
             let n = num(rest, 1, 10);
             for i in 0..n {
-                push_one(&store, rec, &format!("{prefix}-{i}"));
+                if !push_one(&store, rec, &format!("{prefix}-{i}")) {
+                    // A full disk: do not flood the history.
+                    std::thread::sleep(Duration::from_millis(10));
+                }
             }
             Ok(0)
         }

@@ -246,10 +246,8 @@ fn cycle(g: &Guest, fs: &str, seed: u64, rng: &mut fastrand::Rng, figs: &mut Fig
     };
     let (h, torn) = crate::history::read(&history).map_err(|e| e.to_string())?;
     let mut r = crate::checker::check(&h, &fin);
-    // The serial line may cut one line short at the power cut; more is a problem.
-    if torn > 1 {
-        r.torn_lines = torn as u64;
-    }
+    // The power cut may cut the last line short (informative).
+    r.torn_lines = torn as u64;
     if fin.quarantined > 0 {
         figs.violation(
             &format!("{fs} cycle {seed}"),
