@@ -9,7 +9,7 @@
 //! - `reclaim`                    take back the claims of dead or expired claimers
 //! - `recover`                    what a restarting runner does: open, reclaim, collect garbage
 //! - `worker LEASE_MS WORK_MS IDLE_EXIT_MS RETRY_PCT` claim and work until idle that long
-//! - `producer PREFIX N`          push N jobs PREFIX-0 … PREFIX-(N-1)
+//! - `producer PREFIX N [PAUSE_MS]` push N jobs PREFIX-0 … PREFIX-(N-1), pausing between pushes
 //! - `drain [SECS]`               claim and acknowledge everything (the final, fault-free drain)
 //!
 //! It never logs through `write(2)` (no tracing subscriber is installed), so that fault injection
@@ -237,11 +237,13 @@ fn run(queue: &str, rec: &Recorder, op: &str, rest: &[String]) -> jobspool::Resu
             let store = open(queue)?;
             let prefix = rest.first().cloned().unwrap_or_else(|| "job".into());
             let n = num(rest, 1, 10);
+            let pause = Duration::from_millis(num(rest, 2, 0));
             for i in 0..n {
                 if !push_one(&store, rec, &format!("{prefix}-{i}")) {
                     // A full disk: do not flood the history.
                     std::thread::sleep(Duration::from_millis(10));
                 }
+                std::thread::sleep(pause);
             }
             Ok(0)
         }

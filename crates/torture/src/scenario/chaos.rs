@@ -28,6 +28,8 @@ pub struct Chaos {
     pub producers: usize,
     pub workers: usize,
     pub jobs_per_producer: u64,
+    /// Pause between two pushes of a producer (keeps the backlog within what workers drain).
+    pub push_pause: Duration,
     pub lease: Duration,
     pub work: Duration,
     pub retry_pct: u64,
@@ -51,7 +53,12 @@ fn spawn(env: &Env, run: &mut Run, worker: bool, c: &Chaos) -> Proc {
             c.retry_pct.to_string(),
         ]);
     } else {
-        cmd.args(["producer".to_string(), p.clone(), c.jobs_per_producer.to_string()]);
+        cmd.args([
+            "producer".to_string(),
+            p.clone(),
+            c.jobs_per_producer.to_string(),
+            c.push_pause.as_millis().to_string(),
+        ]);
     }
     let child = cmd
         .stdin(Stdio::null())
@@ -162,8 +169,9 @@ pub fn chaos_scenario(env: &Env) -> Figures {
         producers: 2,
         workers: 3,
         jobs_per_producer: 50,
+        push_pause: Duration::from_millis(4),
         lease: Duration::from_millis(1000),
-        work: Duration::from_millis(10),
+        work: Duration::from_millis(4),
         retry_pct: 10,
         fault_every: Duration::from_millis(150),
         duration: env.duration,
@@ -172,7 +180,7 @@ pub fn chaos_scenario(env: &Env) -> Figures {
     let mut run = Run::new(None);
     let start = Instant::now();
     let (kills, stops, producer_runs) = chaos(env, &mut run, &c, &mut rng);
-    let fin = run.drain(Duration::from_secs(60));
+    let fin = run.drain(Duration::from_secs(600));
     let r = run.check(&fin);
     figs.faults = kills + stops;
     figs.add_run("chaos", &r);

@@ -164,6 +164,7 @@ fn one(env: &Env, figs: &mut Figures, m: &Mount, inodes: bool) {
         producers: 2,
         workers: 2,
         jobs_per_producer: 40,
+        push_pause: Duration::ZERO,
         lease: Duration::from_millis(1500),
         work: Duration::from_millis(5),
         retry_pct: 10,
