@@ -25,8 +25,8 @@ pub enum Cause {
     RunnerKilled,
     /// The previous holder was frozen (SIGSTOP) and its lease ran out.
     LeaseExpiredFrozen,
-    /// The previous holder's transition failed (an injected I/O error) and it exited holding the
-    /// lease; the claim was taken back as its runner's.
+    /// The previous holder's transition failed (an injected I/O error, a full disk) and it gave
+    /// the lease up; the claim was taken back when it exited or its lease ran out.
     HolderFailed,
     /// A power cut undid an unsynced claim or acknowledgement.
     PowerCut,
@@ -442,9 +442,13 @@ pub fn check(h: &[Entry], fin: &Final) -> Report {
                     && (c > next.invoked || ct.saturating_sub(st) >= lease_ms(&prev.lease))
             }) {
                 Cause::LeaseExpiredFrozen
-            } else if within(exits.get(prev.p.as_str()))
-                && ends.iter().any(|t| t.outcome != Outcome::Ok && t.ended < next.invoked)
+            } else if ends.iter().any(|t| t.outcome == Outcome::Fail && t.ended < next.invoked)
+                || (within(exits.get(prev.p.as_str()))
+                    && ends.iter().any(|t| t.outcome != Outcome::Ok && t.ended < next.invoked))
             {
+                // The holder's ack, retry or heartbeat failed (an injected error, a full disk):
+                // it gave the lease up, and the claim was taken back when its runner exited or
+                // its lease ran out.
                 Cause::HolderFailed
             } else {
                 Cause::Unexplained
@@ -618,6 +622,19 @@ mod tests {
         tr(&mut h, "slow", F::Ack, "j1", "L2", Ty::Ok);
         let r = check(&h, &Final::default());
         assert!(r.is_ok(), "{:?}", r.problems);
+    }
+
+    #[test]
+    fn a_failed_retry_explains_the_redelivery_after_the_lease_ran_out() {
+        let mut h = Vec::new();
+        push(&mut h, "a", "j1", Ty::Ok);
+        claim(&mut h, "w", "j1", "L1");
+        tr(&mut h, "w", F::Retry, "j1", "L1", Ty::Fail);
+        claim(&mut h, "w", "j1", "L2");
+        tr(&mut h, "w", F::Ack, "j1", "L2", Ty::Ok);
+        let r = check(&h, &Final::default());
+        assert!(r.is_ok(), "{:?}", r.problems);
+        assert_eq!(r.duplicates.get(&Cause::HolderFailed), Some(&1));
     }
 
     #[test]
