@@ -442,7 +442,9 @@ pub fn check(h: &[Entry], fin: &Final) -> Report {
                     && (c > next.invoked || ct.saturating_sub(st) >= lease_ms(&prev.lease))
             }) {
                 Cause::LeaseExpiredFrozen
-            } else if ends.iter().any(|t| t.outcome == Outcome::Fail && t.ended < next.invoked)
+            } else if ends
+                .iter()
+                .any(|t| t.outcome == Outcome::Fail && t.ended < next.invoked)
                 || (within(exits.get(prev.p.as_str()))
                     && ends.iter().any(|t| t.outcome != Outcome::Ok && t.ended < next.invoked))
             {
