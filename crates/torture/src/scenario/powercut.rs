@@ -105,6 +105,8 @@ fn prepare(env: &Env) -> Result<Guest, String> {
     };
     let _ = std::fs::remove_dir_all(root.join("usr/lib/firmware"));
     std::fs::copy(&env.op, root.join("usr/bin/torture-op")).map_err(|e| e.to_string())?;
+    // A debug build carries hundreds of MB of debug info: the initramfs must fit in guest RAM.
+    let _ = Command::new("strip").arg(root.join("usr/bin/torture-op")).status();
     let lib = "libgcc_s.so.1";
     let _ = std::fs::copy(
         Path::new("/lib/x86_64-linux-gnu").join(lib),
@@ -203,7 +205,7 @@ fn cycle(g: &Guest, fs: &str, seed: u64, rng: &mut fastrand::Rng, figs: &mut Fig
         .map_err(|e| e.to_string())?;
     let start = Instant::now();
     while ok_lines(&history) < 50 {
-        if start.elapsed() > Duration::from_secs(240) {
+        if start.elapsed() > Duration::from_secs(240) || q.try_wait().map_err(|e| e.to_string())?.is_some() {
             let _ = q.kill();
             let _ = q.wait();
             return Err(format!(
