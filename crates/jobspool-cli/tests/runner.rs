@@ -712,3 +712,57 @@ fn run_drain_with_nothing_to_do_still_makes_its_first_upkeep_pass() {
     assert_eq!(count(&q, "dead"), 0, "stray file left in dead/");
     assert_eq!(count(&q, "quarantine"), 2);
 }
+
+/// Found by the torture suite (poison-jobs): a job that killed its runner on its last attempt
+/// went dead when the next runner took its claim back, but `run --drain` still exited 0 ("no
+/// job went dead during the run") and the runner's dead count missed it.
+#[test]
+fn a_job_buried_when_its_claim_is_taken_back_makes_drain_exit_1() {
+    let (_d, q) = queue();
+    let qs = q_str(&q);
+    push(&q, &["--id", "poison", "--max-attempts", "1", "--payload", "x"]);
+    // The handler kills its runner: the claim is left behind with no attempts remaining.
+    let o = run(&[
+        "run",
+        qs,
+        "--drain",
+        "-j",
+        "1",
+        "--",
+        "sh",
+        "-c",
+        "kill -9 $PPID; sleep 5",
+    ]);
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&o.status),
+        Some(9),
+        "{}",
+        stderr(&o)
+    );
+    let o = run(&["run", qs, "--drain", "-j", "1", "--", "true"]);
+    assert_eq!(o.status.code(), Some(1), "a job went dead in this run: {}", stderr(&o));
+    assert_eq!(stats(&q)["dead"], 1);
+}
+
+/// Found by the torture suite (poison-jobs): the payload went to the handler through a pipe
+/// fed after it started, so a runner killed at that moment closed the pipe and the handler —
+/// not yet killed by its parent-death signal — read a truncated (here empty) payload as if it
+/// were whole and acted on it. The payload is now a complete file before the handler starts.
+#[test]
+fn a_handler_never_sees_a_partial_payload_its_stdin_is_whole_before_it_starts() {
+    let (d, q) = queue();
+    let qs = q_str(&q);
+    let payload = "x".repeat(300_000); // larger than a pipe's buffer
+    let file = d.path().join("payload");
+    std::fs::write(&file, &payload).unwrap();
+    push(&q, &["--id", "big", "--payload-file", file.to_str().unwrap()]);
+    let out = d.path().join("seen");
+    // Not a pipe, and already its full size before the handler reads a byte.
+    let script = format!(
+        "if [ -p /dev/stdin ]; then echo pipe > {o}; else stat -L -c %s /dev/stdin > {o}; fi; cat > /dev/null",
+        o = out.display()
+    );
+    let o = run(&["run", qs, "--drain", "-j", "1", "--", "sh", "-c", &script]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(std::fs::read_to_string(&out).unwrap().trim(), payload.len().to_string());
+}

@@ -94,3 +94,36 @@ fn a_sticky_or_wrongly_grouped_layout_is_reported_with_the_fix() {
     assert!(o.status.success());
     assert_eq!(run(&["doctor", qs]).status.code(), Some(0));
 }
+
+/// Found by the torture suite (multi-user): a heartbeat set only the mtime, which the kernel
+/// allows only the file's owner, so a runner under another uid than the producer's failed every
+/// heartbeat with EPERM; a job longer than its lease was reclaimed and run again, forever.
+#[test]
+fn a_runner_under_another_uid_heartbeats_a_long_job_and_runs_it_once() {
+    if !nix::unistd::Uid::effective().is_root() {
+        eprintln!("skipped: needs root to run processes under other uids");
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let q = d.path().join("q");
+    let qs = q.to_str().unwrap();
+    let o = run(&["init", qs, "--group", &GROUP.to_string(), "--mode", "0660"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = as_user(47_001, 0o077, &["push", qs, "--id", "long", "--payload", "x"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = d.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+    std::fs::set_permissions(&out, std::fs::Permissions::from_mode(0o777)).unwrap();
+    // Three leases long: it lives only if its heartbeats work.
+    let script = format!("echo run >> {}/runs; sleep 2.5", out.display());
+    let o = as_user(
+        47_002,
+        0o022,
+        &["run", qs, "--drain", "--lease", "800ms", "--", "sh", "-c", &script],
+    );
+    assert_eq!(o.status.code(), Some(0), "runner: {}", stderr(&o));
+    assert!(!stderr(&o).contains("not permitted"), "{}", stderr(&o));
+    let runs = std::fs::read_to_string(out.join("runs")).unwrap();
+    assert_eq!(runs.lines().count(), 1, "ran {} times", runs.lines().count());
+}

@@ -531,3 +531,44 @@ fn a_claim_under_a_lease_no_name_can_hold_is_refused_and_the_job_stays() {
     );
     store.ack(&claim.lease).unwrap();
 }
+
+/// Found by the torture suite (io-errors: EDQUOT on the open of a just-claimed job): a transient
+/// error while reading a claimed job quarantined a valid job, which then never ran.
+#[test]
+fn a_transient_read_error_on_a_claimed_job_gives_it_back_instead_of_quarantining_it() {
+    for errno in [nix::libc::EIO, nix::libc::EDQUOT, nix::libc::EMFILE] {
+        let (_d, q) = queue();
+        let plain = DirStore::open(&q, false).unwrap();
+        let id = plain.push(&NewJob::new("x")).unwrap();
+        let (_fs, store) = faulty(&q, FaultFs::failing("open_read", 1, errno));
+        let err = store.claim(LEASE).unwrap_err();
+        assert!(matches!(err, Error::Io { .. }), "{err}");
+        assert!(names(&q, "quarantine").is_empty(), "{:?}", names(&q, "quarantine"));
+        assert!(names(&q, "running").is_empty(), "the claim is given back");
+        let claim = store.claim(LEASE).unwrap().expect("the job is still claimable");
+        assert_eq!(claim.lease.id, id);
+        assert_eq!(claim.lease.attempt, 1, "a failed read is not an attempt");
+        store.ack(&claim.lease).unwrap();
+    }
+}
+
+/// Found with the one above: the same error while reclaiming must leave the claim for a later
+/// pass, not quarantine it.
+#[test]
+fn a_transient_read_error_while_reclaiming_leaves_the_claim_for_later() {
+    let (_d, q) = queue();
+    let plain = DirStore::open(&q, false).unwrap();
+    plain.push(&NewJob::new("x")).unwrap();
+    {
+        let doomed = DirStore::open(&q, false).unwrap();
+        let _claim = doomed.claim(LEASE).unwrap().unwrap();
+    }
+    // Reads: the dead claimer's runners/ entry (its lock), then the claimed body; fail the body.
+    let (fs, store) = faulty(&q, FaultFs::failing("open_read", 2, nix::libc::EIO));
+    assert!(store.reclaim(5).unwrap().is_empty());
+    let reads: Vec<String> = fs.calls().into_iter().filter(|c| c.starts_with("open_read")).collect();
+    assert!(reads[1].starts_with("open_read running/"), "{reads:?}");
+    assert!(names(&q, "quarantine").is_empty(), "{:?}", names(&q, "quarantine"));
+    assert_eq!(store.reclaim(5).unwrap().len(), 1, "taken back on the next pass");
+    assert!(store.claim(LEASE).unwrap().is_some());
+}

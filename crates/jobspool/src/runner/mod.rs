@@ -592,6 +592,11 @@ async fn reclaim(sh: &Arc<Shared>, report: &mut RunReport) {
         Ok(list) => {
             for r in list {
                 report.reclaimed += 1;
+                // Out of attempts: the job went dead during this run, like a buried one.
+                if r.buried {
+                    report.dead += 1;
+                    tracing::error!(job = %r.id, attempt = r.attempts, "dead: its claim was taken back with no attempts left");
+                }
                 let token = r.old_token.clone();
                 let killed = blocking(move || orphans::kill_by_lease(&token)).await;
                 if killed > 0 {
@@ -624,6 +629,16 @@ fn persist(id: &JobId, patience: Duration, mut transition: impl FnMut() -> Resul
             other => return other,
         }
     }
+}
+
+/// An anonymous memory file holding `payload`, positioned at its start.
+fn payload_file(payload: &[u8]) -> std::io::Result<std::fs::File> {
+    use std::io::{Seek, Write};
+    let fd = nix::sys::memfd::memfd_create("jobspool-payload", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)?;
+    let mut f = std::fs::File::from(fd);
+    f.write_all(payload)?;
+    f.rewind()?;
+    Ok(f)
 }
 
 /// The last `lines` lines of `bytes`, at most `max` bytes, as text.
@@ -813,10 +828,16 @@ async fn supervise_command(
         },
     };
     let payload = job.payload;
+    // The payload is whole before the handler starts: a memory file, not a pipe, so that a
+    // runner killed while feeding it can never hand a handler a truncated payload that reads as
+    // complete (end of file on the pipe reaches the handler before its parent-death signal).
     let stdin = if payload.is_empty() {
         Stdio::null()
     } else {
-        Stdio::piped()
+        match payload_file(&payload) {
+            Ok(f) => Stdio::from(f),
+            Err(e) => return (Ended::SpawnFailed(format!("writing the payload: {e}")), log),
+        }
     };
     let spawned = child::Handler::spawn(Spawn {
         argv: &argv,
@@ -827,23 +848,13 @@ async fn supervise_command(
         // The handler registers its group with the guardian itself, before exec.
         guardian: sh.reaper.lock().unwrap_or_else(|e| e.into_inner()).fd(),
     });
-    let mut handler = match spawned {
+    let handler = match spawned {
         Ok(h) => h,
         Err(e) => {
             let program = argv[0].to_string_lossy().into_owned();
             return (Ended::SpawnFailed(format!("{program}: {e}")), log);
         }
     };
-    // Feed the payload; a handler that does not read it just closes the pipe early.
-    if let Some(stdin) = handler.take_stdin() {
-        let fd: std::os::fd::OwnedFd = stdin.into();
-        tokio::spawn(async move {
-            use tokio::io::AsyncWriteExt;
-            if let Ok(mut tx) = tokio::net::unix::pipe::Sender::from_owned_fd(fd) {
-                let _ = tx.write_all(&payload).await;
-            }
-        });
-    }
     // Copy piped output into the log on a blocking thread.
     let copier = pipe_read.map(|r| {
         let mut log = log;

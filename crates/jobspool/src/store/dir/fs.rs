@@ -194,7 +194,10 @@ impl Fs for RealFs {
         Ok(nix::sys::stat::utimensat(
             dir.fd(),
             name,
-            &TimeSpec::UTIME_OMIT,
+            // Both times to now: the only change the kernel allows a caller that does not own the
+            // file but may write it (a runner under another uid than the job's producer, in a
+            // group-shared queue). Setting only the mtime needs ownership (EPERM otherwise).
+            &TimeSpec::UTIME_NOW,
             &TimeSpec::UTIME_NOW,
             UtimensatFlags::NoFollowSymlink,
         )?)

@@ -128,6 +128,30 @@ impl DirStore {
                         },
                     }));
                 }
+                // A transient read error says nothing about the job: give the claim back
+                // (else it stays claimed by this runner and is reclaimed when it goes away).
+                Err(Problem::Io(e)) => {
+                    let back = {
+                        let _tx = self.tx_shared()?;
+                        self.fs.rename(
+                            &self.d.running,
+                            OsStr::new(&token),
+                            &self.d.ready,
+                            OsStr::new(&from),
+                            true,
+                        )
+                    };
+                    if back.is_ok() {
+                        if let Some(idx) = lock(&self.index).as_mut() {
+                            idx.put_back(entry);
+                        }
+                    }
+                    return Err(Error::io(
+                        self.path(&self.d.running, &token),
+                        "reading the claimed job",
+                        e,
+                    ));
+                }
                 Err(problem) => self.quarantine(&self.d.running, OsStr::new(&token), &problem),
             }
         }
@@ -227,6 +251,8 @@ impl DirStore {
             };
             let job = match self.read_body(&self.d.running, &name, Some(&r.id)) {
                 Ok(job) => job,
+                // Not readable now (EIO, EMFILE…): left for a later pass, never quarantined.
+                Err(Problem::Io(_)) => continue,
                 Err(problem) => {
                     self.quarantine(&self.d.running, &name, &problem);
                     continue;

@@ -138,6 +138,9 @@ enum Problem {
     Other(&'static str, String),
     /// It vanished (moved or removed by someone else).
     Gone,
+    /// Reading it failed for a reason that says nothing about the file (EIO, ENOSPC, EMFILE…):
+    /// it may be a valid job, so it is never quarantined for this; try again later.
+    Io(io::Error),
 }
 
 impl Problem {
@@ -147,6 +150,7 @@ impl Problem {
             Problem::Kind(k) => k.word(),
             Problem::Other(code, _) => code,
             Problem::Gone => "gone",
+            Problem::Io(_) => "io-error",
         }
     }
 
@@ -156,6 +160,7 @@ impl Problem {
             Problem::Kind(k) => format!("a {} is not a job file", k.word()),
             Problem::Other(_, d) => d.clone(),
             Problem::Gone => "vanished".into(),
+            Problem::Io(e) => format!("cannot be read now: {e}"),
         }
     }
 }
@@ -242,13 +247,11 @@ impl DirStore {
                         "unreadable",
                         format!("cannot be read by this user ({e}); the producer's umask or group is wrong"),
                     ),
-                    _ => Problem::Other("unreadable", e.to_string()),
+                    _ => Problem::Io(e),
                 });
             }
         };
-        let meta = file
-            .metadata()
-            .map_err(|e| Problem::Other("unreadable", e.to_string()))?;
+        let meta = file.metadata().map_err(Problem::Io)?;
         let ft = meta.file_type();
         if !ft.is_file() {
             use std::os::unix::fs::FileTypeExt;
@@ -273,8 +276,7 @@ impl DirStore {
             return Err(Problem::Corrupt(Corrupt::TooLarge(format!("{} bytes", meta.len()))));
         }
         let mut bytes = Vec::with_capacity(meta.len() as usize);
-        file.read_to_end(&mut bytes)
-            .map_err(|e| Problem::Other("unreadable", e.to_string()))?;
+        file.read_to_end(&mut bytes).map_err(Problem::Io)?;
         let job = body::decode(&bytes).map_err(Problem::Corrupt)?;
         if let Some(id) = id {
             if job.id != *id {
@@ -290,7 +292,7 @@ impl DirStore {
     /// Moves an entry that is not a valid job into `quarantine/`, named with the time, the
     /// reason and where it came from. Never follows, never deletes.
     fn quarantine(&self, from: &Dir, name: &OsStr, problem: &Problem) {
-        if matches!(problem, Problem::Gone) {
+        if matches!(problem, Problem::Gone | Problem::Io(_)) {
             return;
         }
         let prefix = format!("{:013}.{}.{}.", now_ms(), problem.code(), from.name);
