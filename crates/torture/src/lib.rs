@@ -17,8 +17,6 @@ use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use jobspool::State;
-use jobspool::store::Store;
-use jobspool::store::dir::DirStore;
 
 use crate::checker::Final;
 use crate::history::{Entry, F, Recorder, Ty};
@@ -96,6 +94,16 @@ impl Run {
         };
         let queue = dir.path().join("q");
         jobspool::store::dir::init(&queue, &Default::default()).expect("init queue");
+        Run::with_queue(dir, queue)
+    }
+
+    /// A fresh Redis queue at `url` (a `redis://…?queue=NAME` URL on a server of the caller's).
+    pub fn redis(url: &str) -> Run {
+        jobspool::store::redis::RedisStore::init(url, Default::default(), false).expect("init queue");
+        Run::with_queue(tempfile::tempdir().expect("temp dir"), PathBuf::from(url))
+    }
+
+    fn with_queue(dir: tempfile::TempDir, queue: PathBuf) -> Run {
         let hdir = tempfile::tempdir().expect("temp dir");
         let history = hdir.path().join("history.jsonl");
         let rec = Recorder::open(&history, "scenario").expect("history");
@@ -200,7 +208,7 @@ impl Run {
 /// Claims and acknowledges every job until nothing is ready, scheduled or running (or `limit`
 /// passes), taking back the claims of dead claimers first, recording every operation.
 pub fn drain_queue(queue: &Path, rec: &Recorder, limit: Duration) {
-    let store = DirStore::open(queue, false).expect("open queue for the drain");
+    let store = open(queue).expect("open queue for the drain");
     let p = rec.p.clone();
     let start = Instant::now();
     while start.elapsed() < limit {
@@ -240,9 +248,14 @@ pub fn drain_queue(queue: &Path, rec: &Recorder, limit: Duration) {
     let _ = store.retire();
 }
 
+/// Opens a queue directory or, when `queue` is a `redis://` URL, a Redis queue.
+fn open(queue: &Path) -> jobspool::Result<std::sync::Arc<dyn jobspool::Store>> {
+    jobspool::store::open(&queue.to_string_lossy(), false)
+}
+
 /// What a queue holds after a drain.
 pub fn final_state(queue: &Path) -> Final {
-    let store = DirStore::open(queue, false).expect("open queue");
+    let store = open(queue).expect("open queue");
     let mut fin = Final::default();
     for j in store
         .list(

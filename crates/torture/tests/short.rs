@@ -86,6 +86,11 @@ fn chaos() {
 }
 
 #[test]
+fn redis_chaos() {
+    run("redis-chaos");
+}
+
+#[test]
 fn full_disk() {
     run("full-disk");
 }

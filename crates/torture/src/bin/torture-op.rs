@@ -18,7 +18,6 @@
 use std::time::{Duration, Instant};
 
 use jobspool::store::Store;
-use jobspool::store::dir::DirStore;
 use jobspool::{JobId, NewJob};
 use torture::history::{Entry, F, Recorder, Ty};
 
@@ -40,11 +39,12 @@ fn main() {
     std::process::exit(code);
 }
 
-fn open(queue: &str) -> jobspool::Result<DirStore> {
-    DirStore::open(queue, false)
+/// A queue directory or a Redis URL: the operations are the store's, whichever it is.
+fn open(queue: &str) -> jobspool::Result<std::sync::Arc<dyn Store>> {
+    jobspool::store::open(queue, false)
 }
 
-fn push_one(store: &DirStore, rec: &Recorder, id: &str) -> bool {
+fn push_one(store: &dyn Store, rec: &Recorder, id: &str) -> bool {
     rec.log(Ty::Invoke, F::Push, id, "");
     let job = JobId::new(id).map(|jid| NewJob::new(id.as_bytes().to_vec()).id(jid));
     match job.and_then(|j| store.push(&j)) {
@@ -59,7 +59,7 @@ fn push_one(store: &DirStore, rec: &Recorder, id: &str) -> bool {
     }
 }
 
-fn claim(store: &DirStore, rec: &Recorder, lease: Duration) -> Result<Option<jobspool::Claim>, ()> {
+fn claim(store: &dyn Store, rec: &Recorder, lease: Duration) -> Result<Option<jobspool::Claim>, ()> {
     rec.log(Ty::Invoke, F::Claim, "", "");
     match store.claim(lease) {
         Ok(Some(c)) => {
@@ -77,7 +77,7 @@ fn claim(store: &DirStore, rec: &Recorder, lease: Duration) -> Result<Option<job
     }
 }
 
-fn transition(store: &DirStore, rec: &Recorder, f: F, lease: &jobspool::Lease) -> bool {
+fn transition(store: &dyn Store, rec: &Recorder, f: F, lease: &jobspool::Lease) -> bool {
     let id = lease.id.as_str();
     rec.log(Ty::Invoke, f, id, &lease.token);
     let r = match f {
@@ -100,7 +100,7 @@ fn transition(store: &DirStore, rec: &Recorder, f: F, lease: &jobspool::Lease) -
     }
 }
 
-fn reclaim(store: &DirStore, rec: &Recorder) -> bool {
+fn reclaim(store: &dyn Store, rec: &Recorder) -> bool {
     rec.log(Ty::Invoke, F::Reclaim, "", "");
     match store.reclaim(1_000_000) {
         Ok(v) => {
@@ -126,7 +126,7 @@ fn run(queue: &str, rec: &Recorder, op: &str, rest: &[String]) -> jobspool::Resu
             let store = open(queue)?;
             let mut ok = true;
             for id in rest {
-                ok &= push_one(&store, rec, id);
+                ok &= push_one(&*store, rec, id);
             }
             Ok(if ok { 0 } else { 1 })
         }
@@ -159,21 +159,21 @@ fn run(queue: &str, rec: &Recorder, op: &str, rest: &[String]) -> jobspool::Resu
             let store = open(queue)?;
             let action = rest.first().map(String::as_str).unwrap_or("ack");
             let lease = Duration::from_millis(num(rest, 1, 30_000));
-            let Ok(Some(c)) = claim(&store, rec, lease) else {
+            let Ok(Some(c)) = claim(&*store, rec, lease) else {
                 return Ok(1);
             };
             let ok = match action {
-                "ack" => transition(&store, rec, F::Ack, &c.lease),
-                "retry" => transition(&store, rec, F::Retry, &c.lease),
-                "bury" => transition(&store, rec, F::Bury, &c.lease),
-                "release" => transition(&store, rec, F::Release, &c.lease),
+                "ack" => transition(&*store, rec, F::Ack, &c.lease),
+                "retry" => transition(&*store, rec, F::Retry, &c.lease),
+                "bury" => transition(&*store, rec, F::Bury, &c.lease),
+                "release" => transition(&*store, rec, F::Release, &c.lease),
                 // Dies by SIGKILL while holding the lease (sets up a claim of a dead runner).
                 "hold" => {
                     let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
                     false
                 }
                 "heartbeat-ack" => {
-                    transition(&store, rec, F::Heartbeat, &c.lease) && transition(&store, rec, F::Ack, &c.lease)
+                    transition(&*store, rec, F::Heartbeat, &c.lease) && transition(&*store, rec, F::Ack, &c.lease)
                 }
                 other => return Err(jobspool::Error::Invalid(format!("unknown action {other}"))),
             };
@@ -181,11 +181,11 @@ fn run(queue: &str, rec: &Recorder, op: &str, rest: &[String]) -> jobspool::Resu
         }
         "reclaim" => {
             let store = open(queue)?;
-            Ok(if reclaim(&store, rec) { 0 } else { 1 })
+            Ok(if reclaim(&*store, rec) { 0 } else { 1 })
         }
         "recover" => {
             let store = open(queue)?;
-            let ok = reclaim(&store, rec);
+            let ok = reclaim(&*store, rec);
             let gc = store.collect_garbage().is_ok();
             // A runner that exits cleanly withdraws its registration.
             let _ = store.retire();
@@ -202,27 +202,27 @@ fn run(queue: &str, rec: &Recorder, op: &str, rest: &[String]) -> jobspool::Resu
             loop {
                 n += 1;
                 if n % 8 == 0 {
-                    reclaim(&store, rec);
+                    reclaim(&*store, rec);
                 }
-                match claim(&store, rec, lease) {
+                match claim(&*store, rec, lease) {
                     Ok(Some(c)) => {
                         idle_since = Instant::now();
                         std::thread::sleep(work / 2);
-                        if !transition(&store, rec, F::Heartbeat, &c.lease) {
+                        if !transition(&*store, rec, F::Heartbeat, &c.lease) {
                             continue;
                         }
                         std::thread::sleep(work / 2);
                         if fastrand::u64(0..100) < retry_pct {
-                            transition(&store, rec, F::Retry, &c.lease);
+                            transition(&*store, rec, F::Retry, &c.lease);
                         } else {
-                            transition(&store, rec, F::Ack, &c.lease);
+                            transition(&*store, rec, F::Ack, &c.lease);
                         }
                     }
                     Ok(None) => {
                         if idle_since.elapsed() > idle_exit {
                             return Ok(0);
                         }
-                        reclaim(&store, rec);
+                        reclaim(&*store, rec);
                         std::thread::sleep(Duration::from_millis(20));
                     }
                     Err(()) => std::thread::sleep(Duration::from_millis(20)),
@@ -239,7 +239,7 @@ fn run(queue: &str, rec: &Recorder, op: &str, rest: &[String]) -> jobspool::Resu
             let n = num(rest, 1, 10);
             let pause = Duration::from_millis(num(rest, 2, 0));
             for i in 0..n {
-                if !push_one(&store, rec, &format!("{prefix}-{i}")) {
+                if !push_one(&*store, rec, &format!("{prefix}-{i}")) {
                     // A full disk: do not flood the history.
                     std::thread::sleep(Duration::from_millis(10));
                 }

@@ -163,7 +163,28 @@ pub fn chaos(env: &Env, run: &mut Run, c: &Chaos, rng: &mut fastrand::Rng) -> (u
 
 /// Scenario 4.
 pub fn chaos_scenario(env: &Env) -> Figures {
-    let mut figs = Figures::new("chaos");
+    chaos_on(env, "chaos", Run::new(None))
+}
+
+#[path = "../../../jobspool/tests/common/redis_server.rs"]
+mod redis_server;
+
+/// Scenario 4 on the Redis store: the same producers and workers, killed and frozen the same
+/// way, against a private `redis-server` (AOF, `appendfsync always`). Leases expire by the
+/// server's clock; a killed worker's claims come back when their lease does.
+pub fn redis_chaos_scenario(env: &Env) -> Figures {
+    let Some(server) = redis_server::RedisServer::start() else {
+        let mut figs = Figures::new("redis-chaos");
+        figs.skipped = Some("redis-server is not on PATH".into());
+        return figs;
+    };
+    let figs = chaos_on(env, "redis-chaos", Run::redis(&server.url("chaos")));
+    drop(server);
+    figs
+}
+
+fn chaos_on(env: &Env, name: &str, mut run: Run) -> Figures {
+    let mut figs = Figures::new(name);
     let mut rng = fastrand::Rng::with_seed(env.seed);
     let c = Chaos {
         producers: 2,
@@ -177,13 +198,12 @@ pub fn chaos_scenario(env: &Env) -> Figures {
         duration: env.duration,
         max_producer_runs: 0,
     };
-    let mut run = Run::new(None);
     let start = Instant::now();
     let (kills, stops, producer_runs) = chaos(env, &mut run, &c, &mut rng);
     let fin = run.drain(Duration::from_secs(600));
     let r = run.check(&fin);
     figs.faults = kills + stops;
-    figs.add_run("chaos", &r);
+    figs.add_run(name, &r);
     figs.notes.push(format!(
         "{} producers and {} workers at a time for {:.0}s (lease {} ms): {} producer processes, {} SIGKILLs, {} SIGSTOPs past the lease",
         c.producers,
@@ -194,7 +214,7 @@ pub fn chaos_scenario(env: &Env) -> Figures {
         kills,
         stops
     ));
-    keep_history(&run, "chaos");
+    keep_history(&run, name);
     figs
 }
 

@@ -95,6 +95,7 @@ pub fn all() -> Vec<(&'static str, Scenario)> {
         ("io-errors", syscalls::io_errors),
         ("full-disk", disk::full_disk),
         ("chaos", chaos::chaos_scenario),
+        ("redis-chaos", chaos::redis_chaos_scenario),
         ("power-cut", powercut::power_cut),
         ("corruption", corruption::corruption),
         ("foreign-entries", foreign::foreign),
