@@ -84,3 +84,41 @@ fn a_claim_whose_answer_was_lost_is_handed_over_on_the_next_claim_not_held_until
     assert!(direct.idle().unwrap().is_idle());
     assert!(via_proxy.claim(Duration::from_secs(600)).unwrap().is_none());
 }
+
+#[test]
+fn a_push_or_ack_whose_answer_was_lost_is_repeated_and_applied_once_not_reported_failed() {
+    let Some(server) = RedisServer::start() else { return };
+    let direct = store::open(&server.url("lossy2"), true).unwrap();
+    let proxy = LossyProxy::start(server.port);
+    let via_proxy = store::open(&format!("redis://127.0.0.1:{}/0?queue=lossy2", proxy.port), false).unwrap();
+    // Load the scripts through the proxy first, so the armed drop hits the request itself.
+    let warm = via_proxy.push(&NewJob::new(b"warm".to_vec())).unwrap();
+    let c = via_proxy.claim(Duration::from_secs(600)).unwrap().unwrap();
+    assert_eq!(c.job.id, warm);
+    via_proxy.heartbeat(&c.lease).unwrap();
+
+    // The ack reaches the server, its answer is lost: the store repeats it, the repeat is
+    // answered as the first was, and the ack is reported — it took effect.
+    proxy.drop_next_reply.store(true, Ordering::SeqCst);
+    via_proxy
+        .ack(&c.lease)
+        .expect("an applied ack is not reported as failed");
+    assert!(direct.idle().unwrap().is_idle());
+    assert!(
+        matches!(
+            via_proxy.retry(&c.lease, Duration::ZERO),
+            Err(jobspool::Error::LeaseLost { .. })
+        ),
+        "the claim is over: any other transition is refused"
+    );
+    assert!(direct.idle().unwrap().is_idle(), "and changed nothing");
+
+    // The same for a push: one job, reported pushed.
+    proxy.drop_next_reply.store(true, Ordering::SeqCst);
+    let id = via_proxy
+        .push(&NewJob::new(b"once".to_vec()))
+        .expect("an applied push is not reported as failed");
+    let st = direct.stats().unwrap();
+    assert_eq!(st.ready, 1, "pushed exactly once");
+    assert_eq!(direct.claim(Duration::from_secs(600)).unwrap().unwrap().job.id, id);
+}

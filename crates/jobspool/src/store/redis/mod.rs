@@ -38,6 +38,9 @@ const LIST_CHUNK: usize = 500;
 /// Jobs per push script: a batch larger than this is pushed in several atomic parts.
 const PUSH_CHUNK: usize = 1000;
 
+/// How long a request whose outcome is unknown is repeated before the error is reported.
+const REPEAT_PATIENCE: Duration = Duration::from_secs(20);
+
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const IO_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -157,24 +160,30 @@ impl Inner {
     }
 
     /// Runs `f` on the store's connection, connecting first if needed. A connection that failed
-    /// is dropped so the next call reconnects; the call itself is not repeated, since a script
-    /// that reached the server may have been applied.
+    /// is dropped so the next call reconnects. The call itself is not repeated here, since a
+    /// script that reached the server may have been applied; see [`Inner::run_again`].
     fn with<T>(&self, f: impl FnOnce(&mut ::redis::Connection) -> ::redis::RedisResult<T>) -> Result<T> {
+        self.with_raw(f).map_err(|(e, _)| self.backend(e))
+    }
+
+    /// [`Inner::with`], telling apart the failures after which the request may have reached
+    /// the server (`true`: its outcome is unknown) from those where it surely did not.
+    fn with_raw<T>(
+        &self,
+        f: impl FnOnce(&mut ::redis::Connection) -> ::redis::RedisResult<T>,
+    ) -> std::result::Result<T, (::redis::RedisError, bool)> {
         let mut guard = self.conn.lock().unwrap_or_else(|e| e.into_inner());
         if guard.is_none() {
-            let c = connect(&self.client).map_err(|e| self.backend(e))?;
-            *guard = Some(c);
+            *guard = Some(connect(&self.client).map_err(|e| (e, false))?);
         }
         let conn = guard.as_mut().expect("connected above");
-        match f(conn) {
-            Ok(v) => Ok(v),
-            Err(e) => {
-                if e.is_io_error() || e.is_connection_dropped() || e.is_timeout() || e.is_unrecoverable_error() {
-                    *guard = None;
-                }
-                Err(self.backend(e))
+        f(conn).map_err(|e| {
+            let broke = e.is_io_error() || e.is_connection_dropped() || e.is_timeout() || e.is_unrecoverable_error();
+            if broke {
+                *guard = None;
             }
-        }
+            (e, broke)
+        })
     }
 
     fn key(&self, suffix: &str) -> String {
@@ -183,15 +192,54 @@ impl Inner {
 
     /// Invokes a script with the queue prefix as its first argument.
     fn run<T: ::redis::FromRedisValue>(&self, script: &Script, args: &[&dyn Arg]) -> Result<T> {
-        self.with(|c| {
-            let mut inv = script.key(self.key("ready"));
-            inv.arg(&self.prefix);
-            for a in args {
-                inv.arg(a.bytes());
-            }
-            inv.invoke(c)
-        })
+        self.with(|c| invoke(c, script, &self.key("ready"), &self.prefix, args))
     }
+
+    /// [`Inner::run`] for a script that is safe to repeat: one whose repeat (same lease token or
+    /// request id) answers what the first run did and applies nothing twice. When the connection
+    /// breaks — or a stop signal interrupts the wait for the answer — after the request may have
+    /// reached the server, its outcome is unknown; reporting a failure could hide a push or an
+    /// ack that took effect. So the request is sent again, on a new connection, for up to
+    /// [`REPEAT_PATIENCE`], and only then does the caller get the error.
+    fn run_again<T: ::redis::FromRedisValue>(&self, script: &Script, args: &[&dyn Arg]) -> Result<T> {
+        let started = std::time::Instant::now();
+        let mut pause = Duration::from_millis(20);
+        let mut unknown = false;
+        loop {
+            match self.with_raw(|c| invoke(c, script, &self.key("ready"), &self.prefix, args)) {
+                Ok(v) => return Ok(v),
+                Err((e, maybe_applied)) => {
+                    unknown |= maybe_applied;
+                    if !unknown || started.elapsed() + pause > REPEAT_PATIENCE {
+                        return Err(self.backend(e));
+                    }
+                    tracing::warn!(
+                        "{}: {e}; the request may have been applied: sending it again",
+                        self.shown
+                    );
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+    }
+}
+
+/// Invokes `script` with `key` (any key of the queue, for cluster routing), the queue prefix,
+/// then `args`.
+fn invoke<T: ::redis::FromRedisValue>(
+    c: &mut ::redis::Connection,
+    script: &Script,
+    key: &str,
+    prefix: &str,
+    args: &[&dyn Arg],
+) -> ::redis::RedisResult<T> {
+    let mut inv = script.key(key);
+    inv.arg(prefix);
+    for a in args {
+        inv.arg(a.bytes());
+    }
+    inv.invoke(c)
 }
 
 /// A script argument, as the bytes sent to the server.
@@ -357,7 +405,8 @@ impl RedisStore {
 
     fn push_chunk(&self, jobs: &[(JobId, &NewJob)]) -> Result<()> {
         let now = now_ms();
-        let mut args: Vec<Vec<u8>> = Vec::with_capacity(1 + jobs.len() * 5);
+        let mut args: Vec<Vec<u8>> = Vec::with_capacity(2 + jobs.len() * 5);
+        args.push(crate::store::dir::name::random_hex(16).into_bytes());
         args.push(jobs.len().to_string().into_bytes());
         for (id, new) in jobs {
             let job = Job::from_new(new, id.clone(), now);
@@ -368,7 +417,7 @@ impl RedisStore {
             args.push(new.max_attempts.unwrap_or(0).to_string().into_bytes());
         }
         let refs: Vec<&dyn Arg> = args.iter().map(|a| a as &dyn Arg).collect();
-        let reply: Vec<String> = self.inner.run(&self.inner.scripts.push, &refs)?;
+        let reply: Vec<String> = self.inner.run_again(&self.inner.scripts.push, &refs)?;
         match reply.as_slice() {
             [ok] if ok == "ok" => Ok(()),
             [what, id] if what == "exists" => Err(Error::JobExists {
@@ -395,7 +444,7 @@ impl RedisStore {
         let id = lease.id.as_str();
         let mut args: Vec<&dyn Arg> = vec![&id, &lease.token];
         args.extend_from_slice(extra);
-        let ok: i64 = self.inner.run(script, &args)?;
+        let ok: i64 = self.inner.run_again(script, &args)?;
         if ok == 1 { Ok(()) } else { Err(Self::lost(&lease.id)) }
     }
 

@@ -19,12 +19,17 @@
 //!   cap, `P:logoff:ID` counting the bytes trimmed, so offsets stay stable);
 //! - `P:runners` — HASH runner id → "HEARTBEAT_MS STATUS_JSON";
 //! - `P:claimreq:REQ` — "ID TOKEN" of the claim made for request REQ, kept a while (see `CLAIM`);
+//!   `P:pushreq:REQ` marks an applied push request, `P:ended:TOKEN` the op that ended a claim
+//!   (see `unclaim`), both for two minutes, so that repeating a request whose answer was lost is
+//!   answered as the first time and applied once;
 //! - `P:wake` — the pub/sub channel a push, retry, release or revive publishes on.
 
 /// Helpers shared by every script. Numbers are formatted with `%.0f`: Lua's default formatting
 /// keeps 14 digits, which would round the 16-digit ready scores.
 const PRELUDE: &str = r#"
 local P = ARGV[1]
+-- How long a request's outcome is remembered so that a repeat of it is answered, not reapplied.
+local REPEAT_WINDOW_MS = 120000
 local function N(x) return string.format('%.0f', x) end
 local function now()
   local t = redis.call('TIME')
@@ -101,34 +106,46 @@ local function held(id, token)
   local h = redis.call('HMGET', jk(id), 'state', 'token')
   return h[1] == 'running' and h[2] == token
 end
--- Ends a claim, if `token` still holds it: the fencing every ending transition goes through.
-local function unclaim(id, token)
-  if not held(id, token) then return false end
+-- Ends a claim with `op` (ack, retry, bury, release, quarantine) if `token` still holds it: the
+-- fencing every ending transition goes through. Returns 'now' when it did; 'before' when this
+-- very op already ended this claim (a repeat of a request whose answer was lost: answered as a
+-- success, applied once); nil when the lease is lost.
+local function unclaim(id, token, op)
+  local ended = P .. ':ended:' .. token
+  if not held(id, token) then
+    if redis.call('GET', ended) == op then return 'before' end
+    return nil
+  end
   redis.call('ZREM', P .. ':running', id)
-  return true
+  redis.call('SET', ended, op, 'PX', REPEAT_WINDOW_MS)
+  return 'now'
 end
 "#;
 
-/// ARGV: P, count, then per job: id, body, pkey, delay_ms, max_attempts. All or nothing: when any
-/// id exists (or is repeated), returns `{'exists', id}`, or `{'finished', id}` when only a
-/// finished job's log or history holds it, and writes nothing.
+/// ARGV: P, request id, count, then per job: id, body, pkey, delay_ms, max_attempts. All or
+/// nothing: when any id exists (or is repeated), returns `{'exists', id}`, or `{'finished', id}`
+/// when only a finished job's log or history holds it, and writes nothing. A repeat of a request
+/// that was applied (its answer lost on the wire) answers `{'ok'}` again and adds nothing.
 pub const PUSH: &str = r#"
 local t = now()
-local n = tonumber(ARGV[2])
+local req = P .. ':pushreq:' .. ARGV[2]
+if redis.call('EXISTS', req) == 1 then return {'ok'} end
+local n = tonumber(ARGV[3])
 local seen = {}
 for i = 0, n - 1 do
-  local id = ARGV[3 + i * 5]
+  local id = ARGV[4 + i * 5]
   if seen[id] or redis.call('EXISTS', jk(id)) > 0 then return {'exists', id} end
   if redis.call('EXISTS', P .. ':log:' .. id, P .. ':events:' .. id) > 0 then return {'finished', id} end
   seen[id] = true
 end
 for i = 0, n - 1 do
-  local b = 3 + i * 5
+  local b = 4 + i * 5
   local id, delay = ARGV[b], tonumber(ARGV[b + 3])
   redis.call('HSET', jk(id), 'body', ARGV[b + 1], 'pkey', ARGV[b + 2], 'attempts', 0,
     'max_attempts', ARGV[b + 4], 'created', N(t))
   if delay > 0 then to_sched(id, t + delay) else to_ready(id, t) end
 end
+redis.call('SET', req, '1', 'PX', REPEAT_WINDOW_MS)
 wake()
 return {'ok'}
 "#;
@@ -182,7 +199,8 @@ return 1
 /// ARGV: P, id, token, retention_ms. The job is done: removed; its log and history expire later.
 pub const ACK: &str = r#"
 local id = ARGV[2]
-if not unclaim(id, ARGV[3]) then return 0 end
+local how = unclaim(id, ARGV[3], 'ack')
+if how ~= 'now' then return how and 1 or 0 end
 redis.call('DEL', jk(id))
 for _, k in ipairs({':log:', ':logoff:', ':events:'}) do redis.call('PEXPIRE', P .. k .. id, ARGV[4]) end
 return 1
@@ -191,7 +209,8 @@ return 1
 /// ARGV: P, id, token, delay_ms. Counts the attempt and schedules the next one.
 pub const RETRY: &str = r#"
 local id = ARGV[2]
-if not unclaim(id, ARGV[3]) then return 0 end
+local how = unclaim(id, ARGV[3], 'retry')
+if how ~= 'now' then return how and 1 or 0 end
 redis.call('HINCRBY', jk(id), 'attempts', 1)
 local delay = tonumber(ARGV[4])
 local t = now()
@@ -204,7 +223,8 @@ return 1
 pub const BURY: &str = r#"
 local id = ARGV[2]
 local runner = redis.call('HGET', jk(id), 'runner')
-if not unclaim(id, ARGV[3]) then return 0 end
+local how = unclaim(id, ARGV[3], 'bury')
+if how ~= 'now' then return how and 1 or 0 end
 local attempts = redis.call('HINCRBY', jk(id), 'attempts', 1)
 to_dead(id, now(), attempts, runner, ARGV[4])
 return 1
@@ -213,7 +233,8 @@ return 1
 /// ARGV: P, id, token. Back to ready without counting an attempt.
 pub const RELEASE: &str = r#"
 local id = ARGV[2]
-if not unclaim(id, ARGV[3]) then return 0 end
+local how = unclaim(id, ARGV[3], 'release')
+if how ~= 'now' then return how and 1 or 0 end
 to_ready(id, now())
 wake()
 return 1
@@ -222,7 +243,8 @@ return 1
 /// ARGV: P, id, token, reason. Sets a claimed job whose body is not valid aside.
 pub const QUARANTINE: &str = r#"
 local id = ARGV[2]
-if not unclaim(id, ARGV[3]) then return 0 end
+local how = unclaim(id, ARGV[3], 'quarantine')
+if how ~= 'now' then return how and 1 or 0 end
 local t = now()
 redis.call('ZADD', P .. ':quarantine', N(t), id)
 redis.call('HSET', jk(id), 'state', 'quarantined', 'since', N(t), 'token', '', 'reason', ARGV[4])
