@@ -177,32 +177,36 @@ impl DirStore {
                 removed += 1;
             }
         }
-        let mut live: HashSet<String> = HashSet::new();
-        for (name, _) in self
-            .list_dir(&self.d.ready)?
-            .into_iter()
-            .chain(self.list_dir(&self.d.dead)?)
-        {
-            if let Some(n) = QueuedName::parse(name.as_bytes()) {
-                live.insert(n.id.to_string());
-            }
-        }
-        for (name, _) in self.list_dir(&self.d.running)? {
-            if let Some(n) = RunningName::parse(name.as_bytes()) {
-                live.insert(n.id.to_string());
-            }
-        }
+        // Logs past their retention first (few, usually), then strike those whose job is still
+        // queued, running or dead, streaming the state folders: a million queued jobs must not
+        // become a million strings in memory.
+        let mut expired: HashMap<String, Vec<OsString>> = HashMap::new();
         for (name, kind) in self.list_dir(&self.d.logs)? {
             let text = name.to_string_lossy();
             let Some(id) = text.strip_suffix(".log").or_else(|| text.strip_suffix(".events")) else {
                 continue;
             };
-            if kind != Kind::File || live.contains(id) {
-                continue;
+            if kind == Kind::File && age(&self.d.logs, &name).is_some_and(|a| a > self.config.log_retention) {
+                expired.entry(id.to_string()).or_default().push(name.clone());
             }
-            if age(&self.d.logs, &name).is_some_and(|a| a > self.config.log_retention)
-                && self.fs.unlink(&self.d.logs, &name, false).is_ok()
-            {
+        }
+        if expired.is_empty() {
+            return Ok(removed);
+        }
+        for dir in [&self.d.ready, &self.d.dead] {
+            self.each_entry(dir, |name, _| {
+                if let Some(n) = QueuedName::parse(name.as_bytes()) {
+                    expired.remove(n.id.as_str());
+                }
+            })?;
+        }
+        self.each_entry(&self.d.running, |name, _| {
+            if let Some(n) = RunningName::parse(name.as_bytes()) {
+                expired.remove(n.id.as_str());
+            }
+        })?;
+        for name in expired.into_values().flatten() {
+            if self.fs.unlink(&self.d.logs, &name, false).is_ok() {
                 removed += 1;
             }
         }

@@ -119,6 +119,15 @@ pub trait Fs: Send + Sync {
     fn open_append(&self, dir: &Dir, name: &OsStr, mode: u32) -> io::Result<File>;
     /// Lists a directory.
     fn list(&self, dir: &Dir) -> io::Result<Vec<(OsString, Kind)>>;
+    /// Calls `each` for every entry of a directory as it is read, without holding the whole
+    /// listing: `ready/` can hold millions of jobs, and the index built from it is all that
+    /// needs to stay. The default goes through [`Fs::list`].
+    fn list_each(&self, dir: &Dir, each: &mut dyn FnMut(&OsStr, Kind)) -> io::Result<()> {
+        for (name, kind) in self.list(dir)? {
+            each(&name, kind);
+        }
+        Ok(())
+    }
 }
 
 /// The real file system.
@@ -233,8 +242,13 @@ impl Fs for RealFs {
     }
 
     fn list(&self, dir: &Dir) -> io::Result<Vec<(OsString, Kind)>> {
-        let mut d = nix::dir::Dir::from_fd(dir.reopen()?)?;
         let mut out = Vec::new();
+        self.list_each(dir, &mut |name, kind| out.push((name.to_os_string(), kind)))?;
+        Ok(out)
+    }
+
+    fn list_each(&self, dir: &Dir, each: &mut dyn FnMut(&OsStr, Kind)) -> io::Result<()> {
+        let mut d = nix::dir::Dir::from_fd(dir.reopen()?)?;
         for entry in d.iter() {
             let entry = entry?;
             let name = entry.file_name().to_bytes();
@@ -252,9 +266,9 @@ impl Fs for RealFs {
                 Some(Type::BlockDevice | Type::CharacterDevice) => Kind::Device,
                 None => lstat_kind(dir, name),
             };
-            out.push((name.to_os_string(), kind));
+            each(name, kind);
         }
-        Ok(out)
+        Ok(())
     }
 }
 

@@ -257,13 +257,13 @@ impl Index {
         if self.inotify.is_some() {
             let _ = self.drain();
         }
-        let listing = fs.list(ready)?;
+        // Inserted as read, never held as a whole listing (a million names would double the
+        // memory the index itself needs). A listing that fails leaves the index stale, to be
+        // listed again from scratch.
         self.due.clear();
         self.future.clear();
         self.foreign.clear();
-        for (name, kind) in listing {
-            self.insert(&name, kind);
-        }
+        fs.list_each(ready, &mut |name, kind| self.insert(name, kind))?;
         self.stale = false;
         self.last_listing = Some(Instant::now());
         Ok(())

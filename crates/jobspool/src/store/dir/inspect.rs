@@ -96,7 +96,7 @@ impl DirStore {
     pub(super) fn count(&self) -> Result<Stats> {
         let now = now_ms();
         let mut s = Stats::default();
-        for (name, _) in self.list_dir(&self.d.ready)? {
+        self.each_entry(&self.d.ready, |name, _| {
             if let Some(n) = QueuedName::parse(name.as_bytes()) {
                 if n.at > now {
                     s.scheduled += 1;
@@ -105,18 +105,14 @@ impl DirStore {
                     s.oldest_ready = Some(s.oldest_ready.map_or(n.at, |o: Millis| o.min(n.at)));
                 }
             }
-        }
-        s.running = self
-            .list_dir(&self.d.running)?
-            .iter()
-            .filter(|(n, _)| RunningName::parse(n.as_bytes()).is_some())
-            .count() as u64;
-        s.dead = self
-            .list_dir(&self.d.dead)?
-            .iter()
-            .filter(|(n, _)| QueuedName::parse(n.as_bytes()).is_some())
-            .count() as u64;
-        s.quarantined = self.list_dir(&self.d.quarantine)?.len() as u64;
+        })?;
+        self.each_entry(&self.d.running, |name, _| {
+            s.running += u64::from(RunningName::parse(name.as_bytes()).is_some());
+        })?;
+        self.each_entry(&self.d.dead, |name, _| {
+            s.dead += u64::from(QueuedName::parse(name.as_bytes()).is_some());
+        })?;
+        self.each_entry(&self.d.quarantine, |_, _| s.quarantined += 1)?;
         Ok(s)
     }
 
@@ -140,7 +136,7 @@ impl DirStore {
         };
         let now = now_ms();
         let mut idle = Idle::default();
-        for (name, _) in self.list_dir(&self.d.ready)? {
+        self.each_entry(&self.d.ready, |name, _| {
             if let Some(n) = QueuedName::parse(name.as_bytes()) {
                 if n.at > now {
                     idle.scheduled += 1;
@@ -148,7 +144,7 @@ impl DirStore {
                     idle.ready += 1;
                 }
             }
-        }
+        })?;
         for (name, _) in self.list_dir(&self.d.running)? {
             if RunningName::parse(name.as_bytes()).is_some() {
                 idle.running += 1;

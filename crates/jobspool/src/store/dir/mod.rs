@@ -340,6 +340,14 @@ impl DirStore {
         self.fs.list(dir).map_err(|e| Error::io(&dir.path, "listing", e))
     }
 
+    /// Visits a folder's entries as they are read, for passes over folders that may hold
+    /// millions of jobs (see [`Fs::list_each`]).
+    fn each_entry(&self, dir: &Dir, mut visit: impl FnMut(&OsStr, Kind)) -> Result<()> {
+        self.fs
+            .list_each(dir, &mut visit)
+            .map_err(|e| Error::io(&dir.path, "listing", e))
+    }
+
     fn dir_of(&self, state: State) -> &Dir {
         match state {
             State::Ready | State::Scheduled => &self.d.ready,
