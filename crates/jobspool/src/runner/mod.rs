@@ -18,6 +18,7 @@
 //!   scheduled job comes due, or its periodic tick (registration heartbeat and reclaim of
 //!   expired leases) is due. There is no polling loop.
 
+mod alarm;
 pub mod child;
 mod orphans;
 pub mod outcome;
@@ -337,6 +338,11 @@ pub async fn run_async(store: Arc<dyn Store>, opts: RunnerOptions) -> Result<Run
         }))?
     };
 
+    // Without a timerfd (it cannot fail on Linux short of running out of descriptors), tokio's
+    // timer does the same job with a few more wake-ups.
+    let alarm = alarm::Alarm::new()
+        .inspect_err(|e| tracing::warn!("no timerfd ({e}); using the runtime's timer"))
+        .ok();
     let (stop_tx, stop_rx) = watch::channel(Stop::Run);
     let mut jobs: JoinSet<JobEnd> = JoinSet::new();
     let mut running: HashMap<tokio::task::Id, (JobId, u32, Instant)> = HashMap::new();
@@ -427,7 +433,7 @@ pub async fn run_async(store: Arc<dyn Store>, opts: RunnerOptions) -> Result<Run
             _ = runner_exited.notified() => {
                 reclaim(&shared, &mut report).await;
             }
-            _ = sleep_until(wake_at) => {}
+            _ = sleep(&alarm, wake_at) => {}
         }
 
         let now = tokio::time::Instant::now();
@@ -527,6 +533,16 @@ fn on_signal(
             p
         }
     }
+}
+
+/// Sleeps until `at` on the event loop's timerfd, or the runtime's timer without one.
+async fn sleep(alarm: &Option<alarm::Alarm>, at: tokio::time::Instant) {
+    if let Some(a) = alarm {
+        if a.sleep_until(at).await.is_ok() {
+            return;
+        }
+    }
+    sleep_until(at).await;
 }
 
 /// Moves a shutdown along when its deadline passes.
