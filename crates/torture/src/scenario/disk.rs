@@ -42,15 +42,7 @@ impl Mount {
         if !o.status.success() {
             return Err(format!("mkfs.{fs}: {}", String::from_utf8_lossy(&o.stderr).trim()));
         }
-        let o = Command::new("mount")
-            .args(["-o", "loop"])
-            .arg(&img)
-            .arg(&point)
-            .output()
-            .map_err(|e| e.to_string())?;
-        if !o.status.success() {
-            return Err(format!("mount -o loop: {}", String::from_utf8_lossy(&o.stderr).trim()));
-        }
+        loop_mount(&img, &point)?;
         Ok(Mount {
             dir,
             point,
@@ -66,15 +58,7 @@ impl Mount {
         let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
         let point = dir.path().join("mnt");
         std::fs::create_dir(&point).map_err(|e| e.to_string())?;
-        let o = Command::new("mount")
-            .args(["-o", "loop"])
-            .arg(img)
-            .arg(&point)
-            .output()
-            .map_err(|e| e.to_string())?;
-        if !o.status.success() {
-            return Err(format!("mount -o loop: {}", String::from_utf8_lossy(&o.stderr).trim()));
-        }
+        loop_mount(img, &point)?;
         Ok(Mount {
             dir,
             point,
@@ -242,4 +226,18 @@ pub fn full_disk(env: &Env) -> Figures {
         }
     }
     figs
+}
+
+/// Mounts the file-system image `img` on `point` through a loop device.
+fn loop_mount(img: &Path, point: &Path) -> Result<(), String> {
+    let o = Command::new("mount")
+        .args(["-o", "loop"])
+        .arg(img)
+        .arg(point)
+        .output()
+        .map_err(|e| e.to_string())?;
+    if !o.status.success() {
+        return Err(format!("mount -o loop: {}", String::from_utf8_lossy(&o.stderr).trim()));
+    }
+    Ok(())
 }

@@ -96,12 +96,7 @@ pub fn hostile(env: &Env) -> Figures {
     let jb = &env.jobspool;
     let canary = dir.path().join("x");
     std::fs::write(&canary, b"canary").unwrap();
-    let st = Command::new(jb)
-        .args(["init", &qs])
-        .stdout(Stdio::null())
-        .status()
-        .unwrap();
-    assert!(st.success());
+    init_queue(jb, &qs);
     let log = dir.path().join("strace.log");
     let long = "a".repeat(300);
     let very_long = "b".repeat(5000);
@@ -269,12 +264,7 @@ pub fn poison(env: &Env) -> Figures {
     let q = dir.path().join("q");
     let qs = q.to_str().unwrap().to_string();
     let jb = &env.jobspool;
-    let st = Command::new(jb)
-        .args(["init", &qs])
-        .stdout(Stdio::null())
-        .status()
-        .unwrap();
-    assert!(st.success());
+    init_queue(jb, &qs);
     let max_attempts = 3u32;
     let n_good = if env.long { 200 } else { 20 };
     let mut batch = Command::new(jb)
@@ -398,4 +388,14 @@ pub fn poison(env: &Env) -> Figures {
         start.elapsed().as_secs_f64()
     ));
     figs
+}
+
+/// Creates a queue with the real `jobspool init`.
+fn init_queue(jobspool: &std::path::Path, queue: &str) {
+    let st = Command::new(jobspool)
+        .args(["init", queue])
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(st.success(), "jobspool init {queue} failed");
 }
