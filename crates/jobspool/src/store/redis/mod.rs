@@ -734,8 +734,11 @@ impl Store for RedisStore {
         let lines: Vec<String> = self
             .inner
             .with(|c| ::redis::cmd("LRANGE").arg(&key).arg(0).arg(-1).query(c))?;
-        let history = lines.iter().filter_map(|l| serde_json::from_str(l).ok()).collect();
-        Ok(Detail { info, job, history })
+        Ok(Detail {
+            info,
+            job,
+            history: history(&lines),
+        })
     }
 
     fn revive(&self, id: &JobId) -> Result<()> {
@@ -784,28 +787,28 @@ impl Store for RedisStore {
     }
 
     fn finished(&self, id: &JobId) -> Result<Option<Vec<Event>>> {
-        let (job, events) = (
+        let (job, log, events) = (
             self.inner.key(&format!("job:{id}")),
+            self.inner.key(&format!("log:{id}")),
             self.inner.key(&format!("events:{id}")),
         );
-        let (exists, lines): (bool, Vec<String>) = self.inner.with(|c| {
+        let (queued, log_kept, lines): (bool, bool, Vec<String>) = self.inner.with(|c| {
             ::redis::pipe()
                 .atomic()
                 .cmd("EXISTS")
                 .arg(&job)
+                .cmd("EXISTS")
+                .arg(&log)
                 .cmd("LRANGE")
                 .arg(&events)
                 .arg(0)
                 .arg(-1)
                 .query(c)
         })?;
-        let log_kept = !exists && lines.is_empty() && self.read_log(id, 0)?.is_some();
-        if exists || (lines.is_empty() && !log_kept) {
+        if queued || (lines.is_empty() && !log_kept) {
             return Ok(None);
         }
-        Ok(Some(
-            lines.iter().filter_map(|l| serde_json::from_str(l).ok()).collect(),
-        ))
+        Ok(Some(history(&lines)))
     }
 
     fn record(&self, id: &JobId, event: &Event) -> Result<()> {
@@ -976,6 +979,11 @@ impl Store for RedisStore {
         }
         Ok(problems)
     }
+}
+
+/// A job's history from its events list (entries that do not parse are left out).
+fn history(lines: &[String]) -> Vec<Event> {
+    lines.iter().filter_map(|l| serde_json::from_str(l).ok()).collect()
 }
 
 fn state_name(s: &str) -> &'static str {
