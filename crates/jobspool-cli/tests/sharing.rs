@@ -27,18 +27,32 @@ fn as_user(uid: u32, umask: u32, args: &[&str]) -> std::process::Output {
     c.output().unwrap()
 }
 
-#[test]
-fn producers_with_any_umask_and_a_runner_under_other_uids_share_a_group_queue() {
+/// A queue shared by `GROUP` with file mode 0660, in a directory every uid can enter; `None`
+/// (after saying so) when not root, since the tests run processes under other uids.
+fn group_queue() -> Option<(tempfile::TempDir, std::path::PathBuf)> {
     if !nix::unistd::Uid::effective().is_root() {
         eprintln!("skipped: needs root to run processes under other uids");
-        return;
+        return None;
     }
     let d = tempfile::tempdir().unwrap();
     std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let q = d.path().join("q");
-    let qs = q.to_str().unwrap();
-    let o = run(&["init", qs, "--group", &GROUP.to_string(), "--mode", "0660"]);
+    let o = run(&[
+        "init",
+        q.to_str().unwrap(),
+        "--group",
+        &GROUP.to_string(),
+        "--mode",
+        "0660",
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
+    Some((d, q))
+}
+
+#[test]
+fn producers_with_any_umask_and_a_runner_under_other_uids_share_a_group_queue() {
+    let Some((d, q)) = group_queue() else { return };
+    let qs = q.to_str().unwrap();
     for folder in ["ready", "running", "logs", "tmp"] {
         let m = std::fs::metadata(q.join(folder)).unwrap();
         assert_eq!(m.mode() & 0o7777, 0o2770, "{folder}");
@@ -100,16 +114,8 @@ fn a_sticky_or_wrongly_grouped_layout_is_reported_with_the_fix() {
 /// heartbeat with EPERM; a job longer than its lease was reclaimed and run again, forever.
 #[test]
 fn a_runner_under_another_uid_heartbeats_a_long_job_and_runs_it_once() {
-    if !nix::unistd::Uid::effective().is_root() {
-        eprintln!("skipped: needs root to run processes under other uids");
-        return;
-    }
-    let d = tempfile::tempdir().unwrap();
-    std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let q = d.path().join("q");
+    let Some((d, q)) = group_queue() else { return };
     let qs = q.to_str().unwrap();
-    let o = run(&["init", qs, "--group", &GROUP.to_string(), "--mode", "0660"]);
-    assert!(o.status.success(), "{}", stderr(&o));
     let o = as_user(47_001, 0o077, &["push", qs, "--id", "long", "--payload", "x"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let out = d.path().join("out");
