@@ -766,3 +766,84 @@ fn a_handler_never_sees_a_partial_payload_its_stdin_is_whole_before_it_starts() 
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(std::fs::read_to_string(&out).unwrap().trim(), payload.len().to_string());
 }
+
+/// The handler is started without `fork` (clone with a shared address space, as `posix_spawn`
+/// does) and does its own setup before exec; this pins what that setup promises.
+#[test]
+fn a_handler_gets_default_signals_an_empty_mask_its_own_group_and_the_runners_environment() {
+    use std::os::unix::process::CommandExt;
+    let (d, q) = queue();
+    let qs = q_str(&q);
+    push(&q, &["--id", "sig"]);
+    let out = d.path().join("status");
+    let script = format!(
+        "grep -E '^(Pid|PPid|NSpgid|SigBlk|SigIgn):' /proc/$$/status > {o}; echo \"Inherited: $JOBSPOOL_TEST_INHERITED\" >> {o}; echo \"Job: $JOBSPOOL_JOB_ID\" >> {o}",
+        o = out.display()
+    );
+    // A runner that ignores some signals and blocks others, as one started by nohup or by a
+    // careless supervisor would: its handlers must not inherit either.
+    let mut runner = cmd(&["run", qs, "--drain", "-j", "1", "--", "sh", "-c", &script]);
+    runner.env("JOBSPOOL_TEST_INHERITED", "yes");
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        runner.pre_exec(|| {
+            use nix::libc;
+            libc::signal(libc::SIGHUP, libc::SIG_IGN);
+            libc::signal(libc::SIGUSR2, libc::SIG_IGN);
+            // One of glibc's own (below SIGRTMIN), which its `signal` refuses to touch.
+            libc::syscall(
+                libc::SYS_rt_sigaction,
+                32,
+                &[1usize, 0, 0, 0],
+                std::ptr::null_mut::<usize>(),
+                8usize,
+            );
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, libc::SIGALRM);
+            libc::sigprocmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+            Ok(())
+        });
+    }
+    let mut child = runner.spawn().unwrap();
+    let runner_pid = child.id();
+    assert!(wait_exit(&mut child, LONG).expect("the runner exits").success());
+    let seen: HashMap<String, String> = std::fs::read_to_string(&out)
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.split_once(':').map(|(k, v)| (k.to_string(), v.trim().to_string())))
+        .collect();
+    assert_eq!(seen["SigBlk"], "0000000000000000", "{seen:?}");
+    assert_eq!(seen["SigIgn"], "0000000000000000", "{seen:?}");
+    assert_eq!(
+        seen["PPid"],
+        runner_pid.to_string(),
+        "a child of the runner itself: {seen:?}"
+    );
+    assert_eq!(
+        seen["NSpgid"], seen["Pid"],
+        "the leader of its own process group: {seen:?}"
+    );
+    assert_eq!(seen["Inherited"], "yes", "{seen:?}");
+    assert_eq!(seen["Job"], "sig", "{seen:?}");
+}
+
+#[test]
+fn a_handler_that_cannot_be_executed_fails_the_attempt_with_the_reason() {
+    let (d, q) = queue();
+    let qs = q_str(&q);
+    // Executable when the runner starts, gone when the job runs: the exec itself fails.
+    let prog = d.path().join("vanishing");
+    std::fs::write(&prog, "#!/bin/sh\nexit 0\n").unwrap();
+    std::fs::set_permissions(&prog, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let mut runner = spawn(&["run", qs, "--", prog.to_str().unwrap()]);
+    wait_for("the runner to start", LONG, || live_runners(qs) == 1);
+    std::fs::remove_file(&prog).unwrap();
+    push(&q, &["--id", "noexec", "--max-attempts", "1"]);
+    wait_for("the job to die", LONG, || count(&q, "dead") == 1);
+    signal(&runner, Signal::SIGTERM);
+    wait_exit(&mut runner, LONG).expect("the runner exits");
+    let o = run(&["show", qs, "noexec"]);
+    let text = stdout(&o);
+    assert!(text.contains("No such file or directory"), "{text}");
+}

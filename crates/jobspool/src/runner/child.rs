@@ -6,47 +6,60 @@
 //! even under `kill -9`. Its signal mask is emptied and every signal disposition reset to the
 //! default, because a runner that ignores or blocks signals would otherwise pass that on.
 //!
+//! The handler is started the way `posix_spawn` starts a process — `clone(CLONE_VM |
+//! CLONE_VFORK)`, borrowing the runner's memory until it execs — and not with `fork`:
+//! `std::process::Command` falls back to a full `fork` of the runner as soon as anything must
+//! happen between fork and exec, and copying the runner's page tables then taking
+//! copy-on-write faults cost about 3 ms a job, five times the whole spawn of `true`
+//! (BENCHMARKS.md, profile point 1). `posix_spawn` itself cannot set the parent-death signal,
+//! nor register the group with the guardian before the handler can start children of its own,
+//! so the few system calls between clone and exec are done here.
+//!
 //! Exit is observed through a pidfd, which becomes readable when the handler exits *but before
 //! it is reaped*. While the exited leader is unreaped its process id — and so its process-group
 //! id — cannot be reused, so the runner can kill whatever the handler left behind in its group
 //! and only then reap it. Every `killpg` happens before the reap; none after.
 
-use std::ffi::OsString;
+use std::ffi::{CString, OsStr, OsString};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::process::{CommandExt, ExitStatusExt};
-use std::process::{Child, ExitStatus, Stdio};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::process::ExitStatusExt;
+use std::process::ExitStatus;
+use std::sync::atomic::{AtomicI32, Ordering};
 
+use nix::libc;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use tokio::io::unix::AsyncFd;
 
 /// A running handler process.
 pub struct Handler {
-    child: Option<Child>,
+    /// The handler's process id until it is reaped.
+    pid: Option<libc::pid_t>,
     pidfd: AsyncFd<OwnedFd>,
 }
 
 /// What to give a handler.
 pub struct Spawn<'a> {
-    /// Program and arguments.
+    /// Program and arguments; a program without a `/` is looked up in `PATH`.
     pub argv: &'a [OsString],
-    /// Extra environment variables.
+    /// Extra environment variables, on top of the runner's own.
     pub env: &'a [(&'static str, String)],
-    /// Standard input.
-    pub stdin: Stdio,
+    /// Standard input; `None` is `/dev/null`.
+    pub stdin: Option<OwnedFd>,
     /// Standard output.
-    pub stdout: Stdio,
+    pub stdout: OwnedFd,
     /// Standard error.
-    pub stderr: Stdio,
+    pub stderr: OwnedFd,
     /// The runner's guardian (the write end of its pipe), which the handler registers its
     /// process group with before exec; see the `reaper` module.
     pub guardian: Option<RawFd>,
 }
 
-fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
+fn pidfd_open(pid: libc::pid_t) -> io::Result<OwnedFd> {
     // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
-    let fd = unsafe { nix::libc::syscall(nix::libc::SYS_pidfd_open, pid as nix::libc::pid_t, 0) };
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -54,114 +67,234 @@ fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
+/// The runner's own environment as `NAME=value` strings, built once: a runner does not change
+/// its environment, and rebuilding it for every handler was a measurable part of a spawn.
+fn inherited_env() -> &'static [(Vec<u8>, CString)] {
+    static ENV: std::sync::OnceLock<Vec<(Vec<u8>, CString)>> = std::sync::OnceLock::new();
+    ENV.get_or_init(|| {
+        std::env::vars_os()
+            .filter_map(|(k, v)| {
+                let name = k.into_vec();
+                let mut kv = name.clone();
+                kv.push(b'=');
+                kv.extend_from_slice(v.as_bytes());
+                Some((name, CString::new(kv).ok()?))
+            })
+            .collect()
+    })
+}
+
+fn cstring(s: &OsStr) -> io::Result<CString> {
+    CString::new(s.as_bytes()).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "contains a NUL byte"))
+}
+
+/// A descriptor numbered 3 or above, so that putting the three standard ones in place in the
+/// child can never overwrite one still to be used (a runner started with its own standard
+/// descriptors closed gets low numbers for the files it opens).
+fn above_stdio(fd: OwnedFd) -> io::Result<OwnedFd> {
+    if fd.as_raw_fd() > 2 {
+        return Ok(fd);
+    }
+    Ok(
+        nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(3)).map(|n| {
+            // SAFETY: fcntl just returned this new descriptor and nothing else owns it.
+            unsafe { OwnedFd::from_raw_fd(n) }
+        })?,
+    )
+}
+
+/// Everything the child needs, prepared by the parent: between clone and exec the child may
+/// not allocate or take locks (it runs on borrowed memory, beside the runner's other threads).
+struct ChildArgs {
+    program: *const libc::c_char,
+    argv: *const *const libc::c_char,
+    envp: *const *const libc::c_char,
+    fds: [RawFd; 3],
+    guardian: RawFd,
+    parent: libc::pid_t,
+    /// The step that failed and its errno, written by the child when it cannot exec.
+    failed: AtomicI32,
+    errno: AtomicI32,
+}
+
+const STEP_PDEATHSIG: i32 = 1;
+const STEP_SETPGID: i32 = 2;
+const STEP_DUP2: i32 = 3;
+const STEP_EXEC: i32 = 4;
+
+/// The child, between clone and exec. Only async-signal-safe system calls, on its own stack.
+extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: `arg` is the parent's `ChildArgs`, alive and unmoved until this child has
+    // exec'd or exited (CLONE_VFORK suspends the parent thread until then).
+    let a = unsafe { &*(arg as *const ChildArgs) };
+    // SAFETY: plain system calls on integers and on memory the parent prepared.
+    unsafe {
+        let fail = |step: i32| -> ! {
+            a.errno.store(*libc::__errno_location(), Ordering::Relaxed);
+            a.failed.store(step, Ordering::Release);
+            libc::_exit(127)
+        };
+        // Every signal is blocked (the parent blocked them all before clone), so no handler of
+        // the runner's can run on this borrowed memory; their dispositions go before the mask.
+        // Raw, for every signal: glibc's `sigaction` refuses its own two below SIGRTMIN, and an
+        // ignored one of those would be passed on too.
+        let default = [libc::SIG_DFL, 0, 0, 0];
+        for sig in 1..=64 {
+            if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+                libc::syscall(
+                    libc::SYS_rt_sigaction,
+                    sig,
+                    &default,
+                    std::ptr::null_mut::<usize>(),
+                    8usize,
+                );
+            }
+        }
+        if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
+            fail(STEP_PDEATHSIG);
+        }
+        // The runner may have died before the parent-death signal was set.
+        if libc::getppid() != a.parent {
+            libc::_exit(127);
+        }
+        if libc::setpgid(0, 0) != 0 {
+            fail(STEP_SETPGID);
+        }
+        // Register the new process group with the guardian before anything can start in it.
+        // The guardian sees end-of-file only once this process has exec'd or died (it holds
+        // the close-on-exec write end until then), so it reads this first.
+        if a.guardian >= 0 {
+            super::reaper::send_raw(a.guardian, b'+', libc::getpid() as u32);
+        }
+        for (target, &fd) in a.fds.iter().enumerate() {
+            if libc::dup2(fd, target as libc::c_int) < 0 {
+                fail(STEP_DUP2);
+            }
+        }
+        let mut empty: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut empty);
+        libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+        libc::execvpe(a.program, a.argv, a.envp);
+        fail(STEP_EXEC)
+    }
+}
+
 impl Handler {
     /// Starts a handler. Must be called from a thread that lives as long as the runner: the
-    /// parent-death signal fires when the *thread* that forked exits.
+    /// parent-death signal fires when the *thread* that started the handler exits.
     pub fn spawn(spec: Spawn<'_>) -> io::Result<Handler> {
-        let mut cmd = std::process::Command::new(&spec.argv[0]);
-        cmd.args(&spec.argv[1..])
-            .envs(spec.env.iter().map(|(k, v)| (k, v)))
-            .stdin(spec.stdin)
-            .stdout(spec.stdout)
-            .stderr(spec.stderr)
-            .process_group(0);
-        let parent = std::process::id() as nix::libc::pid_t;
-        let guardian = spec.guardian;
-        // The child reports its pid here too, so that a registration can be withdrawn when the
-        // exec then fails (std reaps the child and returns no pid).
-        let (pid_read, pid_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
-        let pid_write_fd = pid_write.as_raw_fd();
-        // SAFETY: the closure runs between fork and exec and only makes async-signal-safe
-        // system calls (prctl, getppid, sigaction, sigprocmask, raise).
-        unsafe {
-            cmd.pre_exec(move || {
-                use nix::libc;
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                // The runner may have died between fork and prctl.
-                if libc::getppid() != parent {
-                    libc::raise(libc::SIGKILL);
-                }
-                // Register the new process group with the guardian before anything can start in
-                // it. The guardian sees end-of-file only once this process has exec'd or died
-                // (it holds the close-on-exec write end until then), so it reads this first.
-                if let Some(fd) = guardian {
-                    let pid = libc::getpid() as u32;
-                    let bytes = pid.to_le_bytes();
-                    libc::write(pid_write_fd, bytes.as_ptr().cast(), bytes.len());
-                    super::reaper::send_raw(fd, b'+', pid);
-                }
-                for sig in 1..libc::SIGRTMIN() {
-                    if sig != libc::SIGKILL && sig != libc::SIGSTOP {
-                        libc::signal(sig, libc::SIG_DFL);
-                    }
-                }
-                let mut empty: libc::sigset_t = std::mem::zeroed();
-                libc::sigemptyset(&mut empty);
-                libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
-                Ok(())
+        let program = cstring(&spec.argv[0])?;
+        let args = spec.argv.iter().map(|a| cstring(a)).collect::<io::Result<Vec<_>>>()?;
+        let env: Vec<CString> = spec
+            .env
+            .iter()
+            .map(|(k, v)| cstring(OsStr::new(&format!("{k}={v}"))))
+            .collect::<io::Result<_>>()?;
+        let argv: Vec<*const libc::c_char> = args.iter().map(|a| a.as_ptr()).chain([std::ptr::null()]).collect();
+        let envp: Vec<*const libc::c_char> = inherited_env()
+            .iter()
+            .filter(|(name, _)| !spec.env.iter().any(|(ours, _)| ours.as_bytes() == name.as_slice()))
+            .map(|(_, kv)| kv.as_ptr())
+            .chain(env.iter().map(|e| e.as_ptr()))
+            .chain([std::ptr::null()])
+            .collect();
+        let stdin = match spec.stdin {
+            Some(fd) => fd,
+            None => std::fs::File::open("/dev/null")?.into(),
+        };
+        let fds = [
+            above_stdio(stdin)?,
+            above_stdio(spec.stdout)?,
+            above_stdio(spec.stderr)?,
+        ];
+        let child = ChildArgs {
+            program: program.as_ptr(),
+            argv: argv.as_ptr(),
+            envp: envp.as_ptr(),
+            fds: [fds[0].as_raw_fd(), fds[1].as_raw_fd(), fds[2].as_raw_fd()],
+            guardian: spec.guardian.unwrap_or(-1),
+            parent: std::process::id() as libc::pid_t,
+            failed: AtomicI32::new(0),
+            errno: AtomicI32::new(0),
+        };
+        // The child's stack: room for execvpe's path buffer and, for a script without a `#!`
+        // line, its copy of argv (what glibc's posix_spawn allows).
+        let mut stack = vec![0u8; 64 * 1024 + argv.len() * std::mem::size_of::<usize>()];
+        let top = (stack.as_mut_ptr() as usize + stack.len()) & !15;
+        // SAFETY: blocking every signal of this thread (raw, so glibc's internal ones too)
+        // keeps signal handlers off the borrowed memory until the child has reset them; the
+        // child runs `child_main` on its own stack with pointers into `child`, `argv`, `envp`
+        // and `program`, all alive until clone returns, which with CLONE_VFORK is after the
+        // child exec'd or exited.
+        let pid = unsafe {
+            let mut all: libc::sigset_t = std::mem::zeroed();
+            let mut old: libc::sigset_t = std::mem::zeroed();
+            libc::sigfillset(&mut all);
+            libc::syscall(libc::SYS_rt_sigprocmask, libc::SIG_SETMASK, &all, &mut old, 8usize);
+            let pid = libc::clone(
+                child_main,
+                top as *mut libc::c_void,
+                libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+                &child as *const ChildArgs as *mut libc::c_void,
+            );
+            let clone_error = io::Error::last_os_error();
+            libc::syscall(
+                libc::SYS_rt_sigprocmask,
+                libc::SIG_SETMASK,
+                &old,
+                std::ptr::null_mut::<libc::sigset_t>(),
+                8usize,
+            );
+            if pid < 0 {
+                return Err(clone_error);
+            }
+            pid
+        };
+        drop(stack);
+        let step = child.failed.load(Ordering::Acquire);
+        if step != 0 {
+            // The child exited instead of exec'ing: withdraw its registration, reap it.
+            if let Some(fd) = spec.guardian {
+                super::reaper::send_raw(fd, b'-', pid as u32);
+            }
+            let _ = wait(pid);
+            let errno = io::Error::from_raw_os_error(child.errno.load(Ordering::Relaxed));
+            return Err(match step {
+                STEP_EXEC => errno,
+                STEP_PDEATHSIG => io::Error::new(errno.kind(), format!("setting the parent-death signal: {errno}")),
+                STEP_SETPGID => io::Error::new(errno.kind(), format!("starting a process group: {errno}")),
+                _ => io::Error::new(errno.kind(), format!("redirecting standard input and output: {errno}")),
             });
         }
-        let spawned = cmd.spawn();
-        drop(pid_write);
-        let mut child = match spawned {
-            Ok(child) => child,
-            Err(e) => {
-                if let Some(fd) = guardian {
-                    let mut bytes = [0u8; 4];
-                    let mut pipe = std::fs::File::from(pid_read);
-                    if std::io::Read::read_exact(&mut pipe, &mut bytes).is_ok() {
-                        super::reaper::send_raw(fd, b'-', u32::from_le_bytes(bytes));
-                    }
-                }
-                return Err(e);
-            }
-        };
-        drop(pid_read);
-        let registered = pidfd_open(child.id()).and_then(|fd| {
+        let registered = pidfd_open(pid).and_then(|fd| {
             // SAFETY: the AsyncFd owns the OwnedFd, which stays open, and always returns the
             // same descriptor, for the AsyncFd's whole life.
             unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }.map_err(|e| e.into_parts().1)
         });
-        let pidfd = match registered {
-            Ok(fd) => fd,
+        match registered {
+            Ok(pidfd) => Ok(Handler { pid: Some(pid), pidfd }),
             Err(e) => {
-                let _ = killpg(Pid::from_raw(child.id() as i32), Signal::SIGKILL);
-                if let Some(fd) = guardian {
-                    super::reaper::send_raw(fd, b'-', child.id());
+                let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+                if let Some(fd) = spec.guardian {
+                    super::reaper::send_raw(fd, b'-', pid as u32);
                 }
-                let _ = child.wait();
-                return Err(e);
+                let _ = wait(pid);
+                Err(e)
             }
-        };
-        Ok(Handler {
-            child: Some(child),
-            pidfd,
-        })
+        }
     }
 
     /// The handler's process id (and process-group id).
     pub fn pid(&self) -> u32 {
-        self.child.as_ref().map_or(0, Child::id)
-    }
-
-    /// Takes the handler's standard input pipe, if one was requested.
-    pub fn take_stdin(&mut self) -> Option<std::process::ChildStdin> {
-        self.child.as_mut().and_then(|c| c.stdin.take())
-    }
-
-    /// Takes the handler's standard output pipe, if one was requested.
-    pub fn take_stdout(&mut self) -> Option<std::process::ChildStdout> {
-        self.child.as_mut().and_then(|c| c.stdout.take())
+        self.pid.map_or(0, |p| p as u32)
     }
 
     /// Sends `signal` to the handler's whole process group. Only valid until [`Handler::reap`].
     pub fn signal_group(&self, signal: Signal) {
-        let Some(child) = &self.child else { return };
-        match killpg(Pid::from_raw(child.id() as i32), signal) {
+        let Some(pid) = self.pid else { return };
+        match killpg(Pid::from_raw(pid), signal) {
             Ok(()) | Err(nix::errno::Errno::ESRCH) => {}
-            Err(e) => tracing::warn!(pid = child.id(), "cannot signal the handler's process group: {e}"),
+            Err(e) => tracing::warn!(pid, "cannot signal the handler's process group: {e}"),
         }
     }
 
@@ -175,7 +308,46 @@ impl Handler {
     /// Kills whatever the exited handler left in its process group, then reaps it.
     pub fn reap(mut self) -> io::Result<ExitStatus> {
         self.signal_group(Signal::SIGKILL);
-        self.child.take().expect("reaped once").wait()
+        wait(self.pid.take().expect("reaped once"))
+    }
+
+    /// [`Handler::reap`] without waiting: the handler is given back if it has not exited yet.
+    /// Once [`Handler::exited`] resolved, this reaps it at once, on the caller's thread.
+    pub fn try_reap(mut self) -> Result<io::Result<ExitStatus>, Handler> {
+        self.signal_group(Signal::SIGKILL);
+        let pid = self.pid.expect("reaped once");
+        let mut status = 0;
+        // SAFETY: polls our own child, writing its status into a local.
+        match unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) } {
+            0 => Err(self),
+            n if n < 0 => {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    return Err(self);
+                }
+                self.pid = None;
+                Ok(Err(e))
+            }
+            _ => {
+                self.pid = None;
+                Ok(Ok(ExitStatus::from_raw(status)))
+            }
+        }
+    }
+}
+
+/// Waits for a child and returns its status.
+fn wait(pid: libc::pid_t) -> io::Result<ExitStatus> {
+    let mut status = 0;
+    loop {
+        // SAFETY: waits for our own child, writing its status into a local.
+        if unsafe { libc::waitpid(pid, &mut status, 0) } >= 0 {
+            return Ok(ExitStatus::from_raw(status));
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
     }
 }
 
@@ -183,10 +355,10 @@ impl Drop for Handler {
     /// A handler is never left behind: if it was not reaped (the runner is unwinding), its
     /// group is killed and it is reaped here.
     fn drop(&mut self) {
-        if self.child.is_some() {
+        if self.pid.is_some() {
             self.signal_group(Signal::SIGKILL);
-            if let Some(mut c) = self.child.take() {
-                let _ = c.wait();
+            if let Some(pid) = self.pid.take() {
+                let _ = wait(pid);
             }
         }
     }
@@ -214,9 +386,9 @@ mod tests {
         Handler::spawn(Spawn {
             argv: &argv,
             env: &[],
-            stdin: Stdio::null(),
-            stdout: Stdio::null(),
-            stderr: Stdio::null(),
+            stdin: None,
+            stdout: std::fs::File::create("/dev/null").unwrap().into(),
+            stderr: std::fs::File::create("/dev/null").unwrap().into(),
             guardian: Some(guardian),
         })
     }

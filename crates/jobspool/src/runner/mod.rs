@@ -28,6 +28,7 @@ mod signals;
 use std::collections::HashMap;
 use std::ffi::OsString;
 use std::io::{IsTerminal, Write};
+use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -345,6 +346,12 @@ pub async fn run_async(store: Arc<dyn Store>, opts: RunnerOptions) -> Result<Run
         .ok();
     let (stop_tx, stop_rx) = watch::channel(Stop::Run);
     let mut jobs: JoinSet<JobEnd> = JoinSet::new();
+    // A slot is busy while its handler runs. A job's task outlives its handler by the
+    // bookkeeping that records the outcome (log trailer, ack, history), which runs beside the
+    // next job's handler instead of delaying it: at most one such tail per slot, so at most
+    // `2 × slots` tasks.
+    let (slot_tx, mut slot_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let mut handlers = 0usize;
     let mut running: HashMap<tokio::task::Id, (JobId, u32, Instant)> = HashMap::new();
     let mut report = RunReport::default();
     let mut phase = Phase::Running;
@@ -366,14 +373,23 @@ pub async fn run_async(store: Arc<dyn Store>, opts: RunnerOptions) -> Result<Run
         }
         // Claim while there are free slots.
         if phase == Phase::Running && paused_until.is_none() {
-            while jobs.len() < opts.slots {
-                let s = Arc::clone(&store);
-                let lease = shared.settings.lease;
-                match blocking(move || s.claim(lease)).await {
-                    Ok(Some(claim)) => {
+            while handlers < opts.slots && jobs.len() < 2 * opts.slots {
+                let sh = Arc::clone(&shared);
+                // One trip to a blocking thread claims the job and opens its attempt's log.
+                let claimed = blocking(move || -> Result<Option<(Claim, Opened)>> {
+                    let Some(claim) = sh.store.claim(sh.settings.lease)? else {
+                        return Ok(None);
+                    };
+                    let opened = open_attempt(&sh, &claim);
+                    Ok(Some((claim, opened)))
+                });
+                match claimed.await {
+                    Ok(Some((claim, opened))) => {
                         let attempt = claim.lease.attempt;
                         let id = claim.lease.id.clone();
-                        let handle = jobs.spawn(run_job(Arc::clone(&shared), claim, stop_rx.clone()));
+                        let slot = Slot(Some(slot_tx.clone()));
+                        handlers += 1;
+                        let handle = jobs.spawn(run_job(Arc::clone(&shared), claim, opened, slot, stop_rx.clone()));
                         running.insert(handle.id(), (id, attempt, Instant::now()));
                     }
                     Ok(None) => break,
@@ -401,7 +417,7 @@ pub async fn run_async(store: Arc<dyn Store>, opts: RunnerOptions) -> Result<Run
         if let Some(t) = paused_until {
             wake_at = wake_at.min(t);
         }
-        if phase == Phase::Running && jobs.len() < opts.slots {
+        if phase == Phase::Running && handlers < opts.slots {
             let s = Arc::clone(&store);
             if let Ok(Some(due)) = blocking(move || s.next_due()).await {
                 let wait = Duration::from_millis(due.saturating_sub(now_ms()));
@@ -412,12 +428,13 @@ pub async fn run_async(store: Arc<dyn Store>, opts: RunnerOptions) -> Result<Run
             Phase::Draining(t) | Phase::Terminating(t) => wake_at = wake_at.min(t.into()),
             _ => {}
         }
-        let claiming = phase == Phase::Running && jobs.len() < opts.slots;
+        let claiming = phase == Phase::Running && handlers < opts.slots && jobs.len() < 2 * opts.slots;
         tokio::select! {
             biased;
             Some(sig) = sigs.recv() => {
                 phase = on_signal(sig, phase, &opts, &stop_tx, &running, &report, jobs.len());
             }
+            Some(()) = slot_rx.recv() => handlers -= 1,
             Some(joined) = jobs.join_next_with_id(), if !jobs.is_empty() => {
                 let end = match joined {
                     Ok((task, end)) => {
@@ -427,7 +444,7 @@ pub async fn run_async(store: Arc<dyn Store>, opts: RunnerOptions) -> Result<Run
                     Err(e) => std::panic::resume_unwind(e.into_panic()),
                 };
                 account(&end, &mut report);
-                progress.show(&report, jobs.len(), opts.slots, false);
+                progress.show(&report, handlers, opts.slots, false);
             }
             _ = work.notified(), if claiming => {}
             _ = runner_exited.notified() => {
@@ -439,7 +456,7 @@ pub async fn run_async(store: Arc<dyn Store>, opts: RunnerOptions) -> Result<Run
         let now = tokio::time::Instant::now();
         if now >= next_tick {
             next_tick = now + tick_every;
-            status.running = jobs.len() as u32;
+            status.running = handlers as u32;
             status.done = report.done;
             status.failed = report.retried;
             status.dead = report.dead;
@@ -454,7 +471,7 @@ pub async fn run_async(store: Arc<dyn Store>, opts: RunnerOptions) -> Result<Run
                 next_gc = Instant::now() + GC_EVERY;
                 collect_garbage(&store).await;
             }
-            progress.show(&report, jobs.len(), opts.slots, true);
+            progress.show(&report, handlers, opts.slots, true);
         }
         phase = escalate(phase, &stop_tx, &shared.settings, jobs.len());
     }
@@ -665,7 +682,48 @@ fn tail(bytes: &[u8], lines: usize, max: usize) -> String {
     all[all.len().saturating_sub(lines)..].join(" | ")
 }
 
-async fn run_job(sh: Arc<Shared>, claim: Claim, stop: watch::Receiver<Stop>) -> JobEnd {
+/// A claimed job's log, opened with the attempt's header written, and where that header starts.
+type Opened = Result<(Box<dyn JobLog>, u64)>;
+
+/// Opens the claimed job's log, writes the attempt's header and records its start.
+fn open_attempt(sh: &Shared, claim: &Claim) -> Opened {
+    let (id, attempt) = (&claim.lease.id, claim.lease.attempt);
+    let max_attempts = claim.job.max_attempts.unwrap_or(sh.settings.max_attempts).max(1);
+    let header = format!(
+        "=== jobspool: attempt {attempt} of {max_attempts} · {} · runner {} on {} pid {} ===\n",
+        format_ms(now_ms()),
+        sh.runner_id,
+        sh.host,
+        std::process::id()
+    );
+    let mut log = sh.store.open_log(id)?;
+    let start = log.size()?;
+    log.append(header.as_bytes())?;
+    let mut ev = Event::now(EventKind::Started, attempt, None);
+    ev.runner = Some(sh.runner_id.clone());
+    let _ = sh.store.record(id, &ev);
+    Ok((log, start))
+}
+
+/// A busy slot, given back to the main loop (once) when its handler has ended, or when the job's
+/// task ends or unwinds without one.
+struct Slot(Option<tokio::sync::mpsc::UnboundedSender<()>>);
+
+impl Slot {
+    fn free(&mut self) {
+        if let Some(tx) = self.0.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.free();
+    }
+}
+
+async fn run_job(sh: Arc<Shared>, claim: Claim, opened: Opened, mut slot: Slot, stop: watch::Receiver<Stop>) -> JobEnd {
     let started = Instant::now();
     let Claim { job, lease } = claim;
     let id = lease.id.clone();
@@ -684,27 +742,6 @@ async fn run_job(sh: Arc<Shared>, claim: Claim, stop: watch::Receiver<Stop>) -> 
         (None, Handler::JobCommands) => Err("the job has no command and this runner has no handler".into()),
     };
 
-    // Open the log and write the attempt's header.
-    let header = format!(
-        "=== jobspool: attempt {attempt} of {max_attempts} · {} · runner {} on {} pid {} ===\n",
-        format_ms(now_ms()),
-        sh.runner_id,
-        sh.host,
-        std::process::id()
-    );
-    let opened = {
-        let (s, id2, runner) = (Arc::clone(&sh.store), id.clone(), sh.runner_id.clone());
-        blocking(move || -> Result<(Box<dyn JobLog>, u64)> {
-            let mut log = s.open_log(&id2)?;
-            let start = log.size()?;
-            log.append(header.as_bytes())?;
-            let mut ev = Event::now(EventKind::Started, attempt, None);
-            ev.runner = Some(runner);
-            let _ = s.record(&id2, &ev);
-            Ok((log, start))
-        })
-        .await
-    };
     let (mut log, log_start) = match opened {
         Ok(v) => v,
         Err(e) => {
@@ -734,6 +771,7 @@ async fn run_job(sh: Arc<Shared>, claim: Claim, stop: watch::Receiver<Stop>) -> 
         Ok(None) => supervise_function(&sh, &lease, job, timeout, stop).await,
     };
     let took = started.elapsed();
+    slot.free();
 
     // Trailer, last output, decision, transition, history.
     let trailer = format!(
@@ -817,7 +855,6 @@ async fn supervise_command(
     mut stop: watch::Receiver<Stop>,
     max_attempts: u32,
 ) -> (Ended, Box<dyn JobLog>) {
-    use std::process::Stdio;
     let env = [
         ("JOBSPOOL_JOB_ID", lease.id.to_string()),
         ("JOBSPOOL_ATTEMPT", lease.attempt.to_string()),
@@ -832,12 +869,12 @@ async fn supervise_command(
     };
     let (stdout, stderr, pipe_read) = match direct {
         Some(file) => match file.try_clone() {
-            Ok(f2) => (Stdio::from(file), Stdio::from(f2), None),
+            Ok(f2) => (OwnedFd::from(file), OwnedFd::from(f2), None),
             Err(e) => return (Ended::SpawnFailed(e.to_string()), log),
         },
         None => match nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC) {
             Ok((r, w)) => match w.try_clone() {
-                Ok(w2) => (Stdio::from(w), Stdio::from(w2), Some(r)),
+                Ok(w2) => (w, w2, Some(r)),
                 Err(e) => return (Ended::SpawnFailed(e.to_string()), log),
             },
             Err(e) => return (Ended::SpawnFailed(e.to_string()), log),
@@ -848,10 +885,10 @@ async fn supervise_command(
     // runner killed while feeding it can never hand a handler a truncated payload that reads as
     // complete (end of file on the pipe reaches the handler before its parent-death signal).
     let stdin = if payload.is_empty() {
-        Stdio::null()
+        None
     } else {
         match payload_file(&payload) {
-            Ok(f) => Stdio::from(f),
+            Ok(f) => Some(OwnedFd::from(f)),
             Err(e) => return (Ended::SpawnFailed(format!("writing the payload: {e}")), log),
         }
     };
@@ -968,7 +1005,12 @@ async fn supervise_command(
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .forget(handler.pid());
-    let status = match blocking(move || handler.reap()).await {
+    // The handler has exited (its pidfd said so), so it is reaped here without a thread hop.
+    let reaped = match handler.try_reap() {
+        Ok(r) => r,
+        Err(handler) => blocking(move || handler.reap()).await,
+    };
+    let status = match reaped {
         Ok(s) => Some(s),
         Err(e) => {
             tracing::error!(job = %lease.id, "reaping the handler failed: {e}");
