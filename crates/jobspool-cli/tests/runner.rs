@@ -777,7 +777,9 @@ fn a_handler_gets_default_signals_an_empty_mask_its_own_group_and_the_runners_en
     push(&q, &["--id", "sig"]);
     let out = d.path().join("status");
     let script = format!(
-        "grep -E '^(Pid|PPid|NSpgid|SigBlk|SigIgn):' /proc/$$/status > {o}; echo \"Inherited: $JOBSPOOL_TEST_INHERITED\" >> {o}; echo \"Job: $JOBSPOOL_JOB_ID\" >> {o}",
+        // Builtins first, then exec, so that the handler process itself reads its status (a
+        // shell blocks every signal around each fork, so a child of its would race with that).
+        "echo \"Inherited: $JOBSPOOL_TEST_INHERITED\" > {o}; echo \"Job: $JOBSPOOL_JOB_ID\" >> {o}; exec grep -E '^(Pid|PPid|NSpgid|SigBlk|SigIgn):' /proc/self/status >> {o}",
         o = out.display()
     );
     // A runner that ignores some signals and blocks others, as one started by nohup or by a
@@ -790,14 +792,8 @@ fn a_handler_gets_default_signals_an_empty_mask_its_own_group_and_the_runners_en
             use nix::libc;
             libc::signal(libc::SIGHUP, libc::SIG_IGN);
             libc::signal(libc::SIGUSR2, libc::SIG_IGN);
-            // One of glibc's own (below SIGRTMIN), which its `signal` refuses to touch.
-            libc::syscall(
-                libc::SYS_rt_sigaction,
-                32,
-                &[1usize, 0, 0, 0],
-                std::ptr::null_mut::<usize>(),
-                8usize,
-            );
+            // A realtime one too: the reset once stopped at SIGRTMIN.
+            libc::signal(libc::SIGRTMIN() + 1, libc::SIG_IGN);
             let mut set: libc::sigset_t = std::mem::zeroed();
             libc::sigemptyset(&mut set);
             libc::sigaddset(&mut set, libc::SIGALRM);

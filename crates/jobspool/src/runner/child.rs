@@ -136,8 +136,8 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
         };
         // Every signal is blocked (the parent blocked them all before clone), so no handler of
         // the runner's can run on this borrowed memory; their dispositions go before the mask.
-        // Raw, for every signal: glibc's `sigaction` refuses its own two below SIGRTMIN, and an
-        // ignored one of those would be passed on too.
+        // Every signal, realtime ones included (an ignored one is inherited across exec), and
+        // raw: glibc's `sigaction` refuses the two it reserves for itself.
         let default = [libc::SIG_DFL, 0, 0, 0];
         for sig in 1..=64 {
             if sig != libc::SIGKILL && sig != libc::SIGSTOP {

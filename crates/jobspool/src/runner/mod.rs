@@ -908,28 +908,31 @@ async fn supervise_command(
             return (Ended::SpawnFailed(format!("{program}: {e}")), log);
         }
     };
-    // Copy piped output into the log on a blocking thread.
-    let copier = pipe_read.map(|r| {
-        let mut log = log;
-        tokio::task::spawn_blocking(move || {
-            use std::io::Read;
-            let mut r = std::fs::File::from(r);
-            let mut buf = vec![0u8; 64 * 1024];
-            loop {
-                match r.read(&mut buf) {
-                    Ok(0) => break,
-                    Ok(n) => {
-                        let _ = log.append(&buf[..n]);
+    // Copy piped output into the log on a blocking thread; a log the handler writes to
+    // directly stays here for the trailer.
+    let (mut copier, mut log_back) = match pipe_read {
+        Some(r) => {
+            let mut log = log;
+            let copier = tokio::task::spawn_blocking(move || {
+                use std::io::Read;
+                let mut r = std::fs::File::from(r);
+                let mut buf = vec![0u8; 64 * 1024];
+                loop {
+                    match r.read(&mut buf) {
+                        Ok(0) => break,
+                        Ok(n) => {
+                            let _ = log.append(&buf[..n]);
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                        Err(_) => break,
                     }
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                    Err(_) => break,
                 }
-            }
-            log
-        })
-    });
-    let mut log_back: Option<Box<dyn JobLog>> = None;
-    let mut copier = copier;
+                log
+            });
+            (Some(copier), None)
+        }
+        None => (None, Some(log)),
+    };
 
     let start = tokio::time::Instant::now();
     let deadline = start + timeout;
