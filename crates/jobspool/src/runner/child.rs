@@ -183,7 +183,10 @@ impl Handler {
     /// Starts a handler. Must be called from a thread that lives as long as the runner: the
     /// parent-death signal fires when the *thread* that started the handler exits.
     pub fn spawn(spec: Spawn<'_>) -> io::Result<Handler> {
-        let program = cstring(&spec.argv[0])?;
+        let Some(first) = spec.argv.first() else {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "no program to run"));
+        };
+        let program = cstring(first)?;
         let args = spec.argv.iter().map(|a| cstring(a)).collect::<io::Result<Vec<_>>>()?;
         let env: Vec<CString> = spec
             .env
@@ -219,7 +222,7 @@ impl Handler {
         };
         // The child's stack: room for execvpe's path buffer and, for a script without a `#!`
         // line, its copy of argv (what glibc's posix_spawn allows).
-        let mut stack = vec![0u8; 64 * 1024 + argv.len() * std::mem::size_of::<usize>()];
+        let mut stack = Box::<[u8]>::new_uninit_slice(64 * 1024 + argv.len() * std::mem::size_of::<usize>());
         let top = (stack.as_mut_ptr() as usize + stack.len()) & !15;
         // SAFETY: blocking every signal of this thread (raw, so glibc's internal ones too)
         // keeps signal handlers off the borrowed memory until the child has reset them; the
