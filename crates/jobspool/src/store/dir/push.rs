@@ -111,20 +111,106 @@ impl DirStore {
                 return Err(e);
             }
         };
-        if let Err(e) = self.fs.fsync(&file, &self.d.tmp, &tmp) {
+        let ticket;
+        {
+            let mut g = lock(&self.group.state);
+            ticket = g.next_ticket;
+            g.next_ticket += 1;
+            g.queue.push(Pending {
+                ticket,
+                tmp,
+                ready,
+                file,
+                markers,
+            });
+        }
+        self.wait_for_flush(ticket).map(|()| id)
+    }
+
+    /// Waits until the push holding `ticket` has been flushed by a leader, or becomes the
+    /// leader itself when no flush is running: then it flushes every push queued so far, its
+    /// own included, at once. A leader never waits for more pushes to arrive, so a push alone
+    /// costs what it always did; pushes group only while another flush is in progress.
+    fn wait_for_flush(&self, ticket: u64) -> Result<()> {
+        let mut g = lock(&self.group.state);
+        loop {
+            if let Some(r) = g.done.remove(&ticket) {
+                return r;
+            }
+            if g.flushing {
+                g = self.group.flushed.wait(g).unwrap_or_else(|e| e.into_inner());
+                continue;
+            }
+            // Our push is still queued (no leader took it: a leader takes the whole queue and
+            // reports every push in it before it lets go), so lead.
+            g.flushing = true;
+            let batch = std::mem::take(&mut g.queue);
+            drop(g);
+            let mut leader = Leader {
+                group: &self.group,
+                tickets: batch.iter().map(|p| p.ticket).collect(),
+                results: Vec::new(),
+            };
+            leader.results = self.flush(batch);
+            drop(leader);
+            g = lock(&self.group.state);
+        }
+    }
+
+    /// Makes a group of written pushes durable and visible: their data first (one `fsync` for
+    /// a push alone, one `syncfs` for several), then each rename into `ready/`, then one fsync
+    /// of `ready/`. Returns each push's own outcome: a rename that fails (a name taken, say)
+    /// fails its push only; a failed flush fails every push of the group and leaves none of
+    /// them visible.
+    fn flush(&self, batch: Vec<Pending>) -> Vec<(u64, Result<()>)> {
+        let mut out = Vec::with_capacity(batch.len());
+        // Data. A push alone keeps the calls it always made. For a group, one `syncfs` costs
+        // two cache flushes of the disk in all (block trace), where an fsync per file costs
+        // one flush each, even with writeback started on every file first: on the project's
+        // ext4 disk, groups of 8 flushed by `syncfs` ran at 1.4-2.3x the rate of an fsync per
+        // file (noisy shared disk). Its price is that it also writes back whatever else is
+        // dirty on the file system, as `push_batch` already does.
+        let synced = if let [one] = batch.as_slice() {
+            self.fs
+                .fsync(&one.file, &self.d.tmp, &one.tmp)
+                .map_err(|e| (self.path(&self.d.tmp, &one.tmp), e))
+        } else {
+            self.fs.syncfs(&self.d.tmp).map_err(|e| (self.d.tmp.path.clone(), e))
+        };
+        if let Err((path, e)) = synced {
             // Never retried: after a failed fsync the page cache may claim data the disk lost.
-            self.cleanup(std::slice::from_ref(&tmp), &[], &markers);
-            return Err(Error::io(self.path(&self.d.tmp, &tmp), "syncing the job file", e));
+            for p in batch {
+                drop(p.file);
+                self.cleanup(std::slice::from_ref(&p.tmp), &[], &p.markers);
+                out.push((p.ticket, Err(Error::io(&path, "syncing the job file", copy(&e)))));
+            }
+            return out;
         }
-        drop(file);
-        if let Err(e) = self.publish(&tmp, &ready) {
-            self.cleanup(&[tmp], &[], &markers);
-            return Err(e);
+        // Visibility, each push on its own.
+        let mut published = Vec::with_capacity(batch.len());
+        for p in batch {
+            drop(p.file);
+            match self.publish(&p.tmp, &p.ready) {
+                Ok(()) => published.push((p.ticket, p.ready, p.markers)),
+                Err(e) => {
+                    self.cleanup(&[p.tmp], &[], &p.markers);
+                    out.push((p.ticket, Err(e)));
+                }
+            }
         }
-        if let Err(e) = self.fs.sync_dir(&self.d.ready) {
-            return Err(self.unpublish(&ready, &markers, e));
+        if published.is_empty() {
+            return out;
         }
-        Ok(id)
+        // One directory flush for every rename of the group.
+        match self.fs.sync_dir(&self.d.ready) {
+            Ok(()) => out.extend(published.into_iter().map(|(t, _, _)| (t, Ok(())))),
+            Err(e) => {
+                for (t, ready, markers) in published {
+                    out.push((t, Err(self.unpublish(&ready, &markers, copy(&e)))));
+                }
+            }
+        }
+        out
     }
 
     pub(super) fn push_many(&self, jobs: &[NewJob]) -> Result<Vec<JobId>> {
@@ -167,12 +253,82 @@ impl DirStore {
         if let Err(e) = self.fs.sync_dir(&self.d.ready) {
             let mut first = None;
             for name in &published {
-                let err = self.unpublish(name, &[], io::Error::from_raw_os_error(e.raw_os_error().unwrap_or(5)));
+                let err = self.unpublish(name, &[], copy(&e));
                 first.get_or_insert(err);
             }
             self.cleanup(&[], &[], &markers);
             return Err(first.unwrap_or_else(|| Error::io(&self.d.ready.path, "syncing", e)));
         }
         Ok(written.into_iter().map(|w| w.0).collect())
+    }
+}
+
+/// The pushes of one store handle that wait for a flush, and the outcomes of flushed ones.
+#[derive(Default)]
+pub(super) struct GroupCommit {
+    state: Mutex<GroupState>,
+    /// Signalled when a leader has reported the outcomes of its group.
+    flushed: Condvar,
+}
+
+#[derive(Default)]
+struct GroupState {
+    /// A leader is flushing (it holds its group outside this lock).
+    flushing: bool,
+    /// Written pushes that no leader has taken yet.
+    queue: Vec<Pending>,
+    /// Outcomes of flushed pushes, until their pusher takes them.
+    done: HashMap<u64, Result<()>>,
+    next_ticket: u64,
+}
+
+impl GroupCommit {
+    /// Pushes written and queued for a flush that no leader has taken yet.
+    pub(super) fn queued(&self) -> usize {
+        lock(&self.state).queue.len()
+    }
+}
+
+/// A push written to `tmp/`, waiting to be made durable and visible.
+struct Pending {
+    ticket: u64,
+    tmp: OsString,
+    ready: String,
+    file: File,
+    markers: Vec<JobId>,
+}
+
+/// A leader's hold on the group: reports the outcomes and hands over, even if the flush
+/// panicked (then every push of the group fails rather than waits forever).
+struct Leader<'a> {
+    group: &'a GroupCommit,
+    tickets: Vec<u64>,
+    results: Vec<(u64, Result<()>)>,
+}
+
+impl Drop for Leader<'_> {
+    fn drop(&mut self) {
+        let mut g = lock(&self.group.state);
+        for (t, r) in self.results.drain(..) {
+            g.done.insert(t, r);
+        }
+        for t in &self.tickets {
+            g.done.entry(*t).or_insert_with(|| {
+                Err(Error::Invalid(
+                    "the flush of this push failed unexpectedly (panic)".into(),
+                ))
+            });
+        }
+        g.flushing = false;
+        drop(g);
+        self.group.flushed.notify_all();
+    }
+}
+
+/// A second `io::Error` with the same meaning, for each push a shared failure fails.
+fn copy(e: &io::Error) -> io::Error {
+    match e.raw_os_error() {
+        Some(n) => io::Error::from_raw_os_error(n),
+        None => io::Error::new(e.kind(), e.to_string()),
     }
 }
