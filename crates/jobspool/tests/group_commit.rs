@@ -1,7 +1,7 @@
-//! Group commit of concurrent pushes on one store handle: pushes that arrive while a flush is
-//! running share the next one, and each still gets its own outcome. The groups here are made
-//! deterministic by holding the first push's flush until the others are queued behind it
-//! (`DirStore::queued_pushes`), never by timing.
+//! Group commit of concurrent pushes on one store handle: pushes that arrive while a directory
+//! flush is running share the next one, and each still gets its own outcome. The groups here
+//! are made deterministic by holding the first push's flush of `ready/` until the others are
+//! queued behind it (`DirStore::queued_pushes`), never by timing.
 
 mod common;
 
@@ -29,8 +29,8 @@ fn queue() -> (tempfile::TempDir, std::path::PathBuf) {
     (dir, q)
 }
 
-/// A [`FaultFs`] whose first `fsync` can be held until the test lets it go, and whose
-/// directory syncs can be made slow (a slow disk, so that pushes overlap).
+/// A [`FaultFs`] whose first directory sync can be held until the test lets it go, or whose
+/// directory syncs can all be made slow (a slow disk, so that pushes overlap).
 #[derive(Default)]
 struct GateFs {
     inner: FaultFs,
@@ -80,6 +80,9 @@ impl Fs for GateFs {
         self.inner.write(file, dir, name, buf)
     }
     fn fsync(&self, file: &File, dir: &Dir, name: &OsStr) -> io::Result<()> {
+        self.inner.fsync(file, dir, name)
+    }
+    fn sync_dir(&self, dir: &Dir) -> io::Result<()> {
         if self.armed.swap(false, Ordering::SeqCst) {
             let mut g = self.gate.lock().unwrap();
             g.1 = true;
@@ -88,9 +91,6 @@ impl Fs for GateFs {
                 g = self.cv.wait(g).unwrap();
             }
         }
-        self.inner.fsync(file, dir, name)
-    }
-    fn sync_dir(&self, dir: &Dir) -> io::Result<()> {
         if let Some(d) = self.slow_dir {
             std::thread::sleep(d);
         }
@@ -128,16 +128,16 @@ fn eventually(what: &str, cond: impl Fn() -> bool) {
     }
 }
 
-/// Pushes `first` and, while its flush is held, `rest` from threads of their own, so that
-/// `rest` are flushed together as one group after `first`. Returns the outcomes, `first`'s
-/// first.
+/// Pushes `first` and, while its flush of `ready/` is held, `rest` from threads of their own;
+/// lets the flush go once `queued` of them wait behind it, so that those are flushed together
+/// as one group after `first`. Returns the outcomes, `first`'s first.
 fn push_a_group(
     fs: &Arc<GateFs>,
     store: &Arc<DirStore>,
     first: NewJob,
     rest: Vec<NewJob>,
+    queued: usize,
 ) -> Vec<Result<JobId, Error>> {
-    let n = rest.len();
     let a = {
         let store = Arc::clone(store);
         std::thread::spawn(move || store.push(&first))
@@ -150,8 +150,8 @@ fn push_a_group(
             std::thread::spawn(move || store.push(&job))
         })
         .collect();
-    eventually("every other push queued behind the held flush", || {
-        store.queued_pushes() == n
+    eventually("the other pushes queued behind the held flush", || {
+        store.queued_pushes() == queued
     });
     fs.release();
     let mut out = vec![a.join().unwrap()];
@@ -243,24 +243,18 @@ fn concurrent_pushes_share_directory_fsyncs() {
             });
         }
     });
-    let (dir_syncs, fsyncs, syncfs, renames) = (
-        fs.count("sync_dir ready"),
-        fs.count("fsync"),
-        fs.count("syncfs"),
-        fs.count("rename"),
-    );
+    let (dir_syncs, fsyncs, renames) = (fs.count("sync_dir ready"), fs.count("fsync"), fs.count("rename"));
     println!(
-        "{} pushes: {dir_syncs} fsyncs of ready/, {fsyncs} file fsyncs, {syncfs} syncfs",
+        "{} pushes: {dir_syncs} fsyncs of ready/, {fsyncs} file fsyncs",
         threads * per
     );
-    assert_eq!(renames, threads * per);
     assert_eq!(names(&q, "ready").len(), threads * per);
+    assert_eq!((fsyncs, renames), (threads * per, threads * per));
     assert!(
         dir_syncs < threads * per,
         "no group commit: {dir_syncs} fsyncs of ready/"
     );
-    // Every group flushed its data once: one fsync for a push alone, one syncfs for several.
-    assert_eq!(fsyncs + syncfs, dir_syncs);
+    assert_eq!(fs.count("syncfs"), 0);
 }
 
 #[test]
@@ -280,65 +274,86 @@ fn a_push_alone_makes_the_calls_it_always_made() {
     assert_eq!(kinds, ["create", "write", "fsync", "rename", "sync_dir"].repeat(3));
 }
 
+fn ops(fs: &GateFs) -> Vec<String> {
+    fs.inner
+        .calls()
+        .iter()
+        .map(|c| c.split(' ').next().unwrap().to_string())
+        .collect()
+}
+
 #[test]
-fn a_group_is_flushed_once_before_any_of_it_is_visible() {
+fn a_group_shares_one_directory_flush_and_is_durable_before_it_is_visible() {
     let (_d, q) = queue();
     let fs = Arc::new(GateFs::held(FaultFs::default()));
     let store = Arc::new(DirStore::open_with(&q, false, fs.clone()).unwrap());
     let rest = (1..=4).map(|i| with_id(&format!("g{i}"))).collect();
-    let out = push_a_group(&fs, &store, with_id("a"), rest);
+    let out = push_a_group(&fs, &store, with_id("a"), rest, 4);
     assert!(out.iter().all(|r| r.is_ok()), "{out:?}");
-    let calls = fs.inner.calls();
-    let ops: Vec<&str> = calls.iter().map(|c| c.split(' ').next().unwrap()).collect();
-    // The first push alone (fsync), then the four as one group (syncfs, four renames, one
-    // fsync of ready/).
-    let after_first = ops.iter().rposition(|o| *o == "fsync").unwrap();
-    let tail: Vec<&str> = ops[after_first + 1..]
+    let ops = ops(&fs);
+    // The first push alone, then the four as one group: four renames, one fsync of ready/.
+    let visible: Vec<&str> = ops
         .iter()
-        .copied()
-        .filter(|o| *o != "create" && *o != "write")
+        .map(String::as_str)
+        .filter(|o| *o == "rename" || *o == "sync_dir")
         .collect();
     assert_eq!(
-        tail,
-        [
-            "rename", "sync_dir", "syncfs", "rename", "rename", "rename", "rename", "sync_dir"
-        ],
-        "{calls:?}"
+        visible,
+        ["rename", "sync_dir", "rename", "rename", "rename", "rename", "sync_dir"],
+        "{ops:?}"
     );
+    // Every file was fsynced (by its own pusher) before the group's first rename.
+    let fsyncs: Vec<usize> = (0..ops.len()).filter(|&i| ops[i] == "fsync").collect();
+    let renames: Vec<usize> = (0..ops.len()).filter(|&i| ops[i] == "rename").collect();
+    assert_eq!(fsyncs.len(), 5);
+    assert!(fsyncs.iter().all(|&f| f < renames[1]), "{ops:?}");
     assert_nothing_left_but(&q, &["a", "g1", "g2", "g3", "g4"]);
 }
 
 #[test]
-fn a_failed_shared_flush_fails_every_push_of_the_group_and_leaves_none_visible() {
-    // The group's data flush (the first syncfs), then the group's directory flush (the second
-    // fsync of ready/: the first push alone made the first).
-    for (op, nth, what) in [
-        ("syncfs", 1, "syncing the job file"),
-        ("sync_dir", 2, "the job was not added"),
-    ] {
-        let (_d, q) = queue();
-        let fs = Arc::new(GateFs::held(FaultFs::failing(op, nth, nix::libc::EIO)));
-        let store = Arc::new(DirStore::open_with(&q, false, fs.clone()).unwrap());
-        let rest = (1..=4).map(|i| with_id(&format!("g{i}"))).collect();
-        let out = push_a_group(&fs, &store, with_id("a"), rest);
+fn a_failed_directory_flush_fails_every_push_of_its_group_and_leaves_none_visible() {
+    let (_d, q) = queue();
+    // The second fsync of ready/ is the group's (the first push alone made the first).
+    let fs = Arc::new(GateFs::held(FaultFs::failing("sync_dir", 2, nix::libc::EIO)));
+    let store = Arc::new(DirStore::open_with(&q, false, fs.clone()).unwrap());
+    let rest = (1..=4).map(|i| with_id(&format!("g{i}"))).collect();
+    let out = push_a_group(&fs, &store, with_id("a"), rest, 4);
+    assert!(out[0].is_ok(), "the push flushed before the failure stands: {out:?}");
+    for r in &out[1..] {
+        let e = r.as_ref().unwrap_err();
         assert!(
-            out[0].is_ok(),
-            "{op}: the push flushed before the failure must stand: {out:?}"
+            matches!(e, Error::Io { .. }) && e.to_string().contains("the job was not added"),
+            "{e}"
         );
-        for r in &out[1..] {
-            let e = r.as_ref().unwrap_err();
-            assert!(
-                matches!(e, Error::Io { .. }) && e.to_string().contains(what),
-                "{op}: {e}"
-            );
-        }
-        assert_nothing_left_but(&q, &["a"]);
-        // Nothing sticks: the ids are free again and the next pushes work.
-        for i in 1..=4 {
-            store.push(&with_id(&format!("g{i}"))).unwrap();
-        }
-        assert_eq!(names(&q, "ready").len(), 5, "{op}");
     }
+    assert_nothing_left_but(&q, &["a"]);
+    // Nothing sticks: the ids are free again and the next pushes work.
+    for i in 1..=4 {
+        store.push(&with_id(&format!("g{i}"))).unwrap();
+    }
+    assert_eq!(names(&q, "ready").len(), 5);
+}
+
+#[test]
+fn a_failed_file_fsync_fails_only_that_push_and_the_rest_still_group() {
+    let (_d, q) = queue();
+    // fsync 1 is the first push's; 2..=5 are the others', each on its own thread: fail one.
+    let fs = Arc::new(GateFs::held(FaultFs::failing("fsync", 3, nix::libc::EIO)));
+    let store = Arc::new(DirStore::open_with(&q, false, fs.clone()).unwrap());
+    let rest = (1..=4).map(|i| with_id(&format!("g{i}"))).collect();
+    // The failed push never queues: three wait behind the held flush.
+    let out = push_a_group(&fs, &store, with_id("a"), rest, 3);
+    let failed: Vec<usize> = (0..out.len()).filter(|&i| out[i].is_err()).collect();
+    assert_eq!(failed.len(), 1, "{out:?}");
+    let e = out[failed[0]].as_ref().unwrap_err();
+    assert!(e.to_string().contains("syncing the job file"), "{e}");
+    let ok: Vec<String> = out
+        .iter()
+        .filter_map(|r| r.as_ref().ok().map(|id| id.to_string()))
+        .collect();
+    let ok: Vec<&str> = ok.iter().map(String::as_str).collect();
+    assert_nothing_left_but(&q, &ok);
+    assert_eq!(fs.count("sync_dir"), 2, "the three others shared one directory flush");
 }
 
 #[test]
@@ -348,7 +363,7 @@ fn a_failed_rename_in_a_group_fails_only_that_push() {
     let fs = Arc::new(GateFs::held(FaultFs::failing("rename", 3, nix::libc::EACCES)));
     let store = Arc::new(DirStore::open_with(&q, false, fs.clone()).unwrap());
     let rest = (1..=4).map(|i| with_id(&format!("g{i}"))).collect();
-    let out = push_a_group(&fs, &store, with_id("a"), rest);
+    let out = push_a_group(&fs, &store, with_id("a"), rest, 4);
     let failed: Vec<usize> = (0..out.len()).filter(|&i| out[i].is_err()).collect();
     assert_eq!(failed.len(), 1, "{out:?}");
     let e = out[failed[0]].as_ref().unwrap_err();
@@ -380,7 +395,7 @@ fn a_taken_name_in_a_group_is_job_exists_for_that_push_only() {
     let fs = Arc::new(GateFs::held(FaultFs::default()));
     let store = Arc::new(DirStore::open_with(&q, false, fs.clone()).unwrap());
     let rest = (1..=4).map(|i| with_id(&format!("g{i}")).run_at(at)).collect();
-    let out = push_a_group(&fs, &store, with_id("a"), rest);
+    let out = push_a_group(&fs, &store, with_id("a"), rest, 4);
     for (i, r) in out.iter().enumerate() {
         if i == 2 {
             assert!(matches!(r, Err(Error::JobExists { id, .. }) if id == "g2"), "{r:?}");
@@ -395,4 +410,5 @@ fn a_taken_name_in_a_group_is_job_exists_for_that_push_only() {
     );
     std::fs::remove_file(q.join("ready").join(&taken)).unwrap();
     assert_nothing_left_but(&q, &["a", "g1", "g3", "g4"]);
+    assert_eq!(fs.count("sync_dir"), 2);
 }

@@ -7,10 +7,10 @@
 //! - **Push** writes `tmp/…`, fsyncs it, renames it into `ready/` (never over an existing name)
 //!   and fsyncs `ready/` before reporting success. Any failure removes what was written. A
 //!   batch writes every file, flushes the file system once, renames, and fsyncs `ready/` once.
-//!   Concurrent pushes on one handle share that work (group commit): each writes its own file,
-//!   and whoever finds no flush running flushes every push written so far — one `fsync` for a
-//!   push alone, one `syncfs` for several — renames them, fsyncs `ready/` once and reports each
-//!   push's own outcome. A push alone never waits for company.
+//!   Concurrent pushes on one handle share the directory flush (group commit): each writes and
+//!   fsyncs its own file, then whoever finds no flush running renames every push synced so far
+//!   into `ready/`, fsyncs `ready/` once and reports each push's own outcome. A push alone
+//!   never waits for company.
 //! - **Claim** renames `ready/NAME` to `running/NAME+LEASE`; exactly one claimer's rename
 //!   succeeds, the others get `ENOENT` and take the next candidate from the [`index`].
 //! - **Heartbeat** sets the mtime of `running/NAME+LEASE` by name; **ack** unlinks it;
