@@ -305,7 +305,7 @@ fn pushes(cfg: &Cfg, kind: &str, target: &dyn Fn(&str) -> String, item_suffix: &
                         .value(format!("{}/s", rate(v)))
                         .reference(rs)
                         .ratio(v / r, Some(1.0))
-                        .note("target: at the limit of as many independent durable producers; group commit shares one flush among the pushes waiting on it"),
+                        .note("target: at the limit of as many independent durable producers; with group commit the pushes waiting on one fsync of ready/ share the next"),
                     ])
                 })(),
             );
