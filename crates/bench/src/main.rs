@@ -65,6 +65,7 @@ struct Cfg {
     strace: bool,
     // sizes
     push_n: usize,
+    push_threads_n: usize,
     cli_push_n: usize,
     batch_n: usize,
     claim_n: usize,
@@ -199,6 +200,7 @@ fn parse_args() -> R<Cfg> {
         peer_timeout: num("--peer-timeout", 300)? as u64,
         strace: !has("--no-strace") && !quick,
         push_n: pick(30, 1000),
+        push_threads_n: pick(40, 2000),
         cli_push_n: pick(10, 300),
         batch_n: pick(200, 10_000),
         claim_n: pick(200, 10_000),
@@ -282,6 +284,32 @@ fn pushes(cfg: &Cfg, kind: &str, target: &dyn Fn(&str) -> String, item_suffix: &
                 ])
             })(),
         );
+        if kind == "dir" {
+            const THREADS: usize = 8;
+            let n = THREADS * (cfg.push_threads_n / THREADS);
+            progress(&format!("{kind}: durable push, {THREADS} threads, one job per call"));
+            skip_on_err(
+                &mut rows,
+                &i1,
+                &format!("{kind}: durable push, library, {THREADS} threads"),
+                (|| {
+                    let r0 = io(phys::durable_create_threads(&phys, n, THREADS))?;
+                    let v = work::push_threads(&target("push8"), n, THREADS)?;
+                    let r1 = io(phys::durable_create_threads(&phys, n, THREADS))?;
+                    let (r, rs) = bracket(&format!("{THREADS} threads: write+fsync+rename+dir fsync"), r0, r1);
+                    Ok(vec![
+                        Row::new(
+                            &i1,
+                            format!("{kind}: durable push, library, {THREADS} threads, 1 job/call, one store handle (N={n})"),
+                        )
+                        .value(format!("{}/s", rate(v)))
+                        .reference(rs)
+                        .ratio(v / r, Some(1.0))
+                        .note("target: at the limit of as many independent durable producers; with group commit the pushes waiting on one fsync of ready/ share the next"),
+                    ])
+                })(),
+            );
+        }
         if kind == "dir" {
             match &cfg.bin {
                 None => rows.push(Row::skipped(&i1, "durable push, CLI", "jobspool binary not found")),
@@ -678,6 +706,7 @@ fn clone_sizes(c: &Cfg) -> Cfg {
         peer_timeout: c.peer_timeout,
         strace: c.strace,
         push_n: c.push_n,
+        push_threads_n: c.push_threads_n,
         cli_push_n: c.cli_push_n,
         batch_n: c.batch_n,
         claim_n: c.claim_n,

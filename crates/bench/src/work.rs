@@ -46,6 +46,42 @@ pub fn push_one(target: &str, n: usize) -> R<f64> {
     Ok(n as f64 / t.elapsed().as_secs_f64())
 }
 
+/// Durable pushes, one job per call, from `threads` threads sharing one store handle (as a
+/// library user's worker threads would). Jobs per second, `threads * (n / threads)` jobs; the
+/// ids returned must all differ.
+pub fn push_threads(target: &str, n: usize, threads: usize) -> R<f64> {
+    let store = open(target)?;
+    let per = n / threads;
+    let t = Instant::now();
+    let ids: Vec<R<Vec<jobspool::JobId>>> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..threads)
+            .map(|_| {
+                let store = Arc::clone(&store);
+                s.spawn(move || {
+                    (0..per)
+                        .map(|_| {
+                            store
+                                .push(&NewJob::new(PAYLOAD.to_vec()))
+                                .map_err(|e| format!("push: {e}"))
+                        })
+                        .collect()
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().expect("push thread")).collect()
+    });
+    let secs = t.elapsed().as_secs_f64();
+    let mut seen = std::collections::HashSet::new();
+    for v in ids {
+        for id in v? {
+            if !seen.insert(id.clone()) {
+                return Err(format!("two pushes returned the same id {id}"));
+            }
+        }
+    }
+    Ok(seen.len() as f64 / secs)
+}
+
 /// One `push_batch` of `n` jobs. Jobs per second.
 pub fn push_batch(target: &str, n: usize) -> R<f64> {
     let store = open(target)?;

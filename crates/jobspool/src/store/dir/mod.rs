@@ -7,6 +7,10 @@
 //! - **Push** writes `tmp/…`, fsyncs it, renames it into `ready/` (never over an existing name)
 //!   and fsyncs `ready/` before reporting success. Any failure removes what was written. A
 //!   batch writes every file, flushes the file system once, renames, and fsyncs `ready/` once.
+//!   Concurrent pushes on one handle share the directory flush (group commit): each writes and
+//!   fsyncs its own file, then whoever finds no flush running renames every push synced so far
+//!   into `ready/`, fsyncs `ready/` once and reports each push's own outcome. A push alone
+//!   never waits for company.
 //! - **Claim** renames `ready/NAME` to `running/NAME+LEASE`; exactly one claimer's rename
 //!   succeeds, the others get `ENOENT` and take the next candidate from the [`index`].
 //! - **Heartbeat** sets the mtime of `running/NAME+LEASE` by name; **ack** unlinks it;
@@ -39,7 +43,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
 use nix::errno::Errno;
@@ -175,6 +179,8 @@ pub struct DirStore {
     index: Arc<Mutex<Option<Index>>>,
     me: Mutex<Option<Registration>>,
     lock_pool: Mutex<Vec<OwnedFd>>,
+    /// Concurrent pushes on this handle share their flushes (see [`push`]).
+    group: push::GroupCommit,
 }
 
 impl std::fmt::Debug for DirStore {
@@ -220,12 +226,19 @@ impl DirStore {
             index: Arc::new(Mutex::new(None)),
             me: Mutex::new(None),
             lock_pool: Mutex::new(Vec::new()),
+            group: Default::default(),
         })
     }
 
     /// The queue directory.
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// How many pushes on this handle have written their job file and wait for a flush that
+    /// has not started yet (they will share it). For tests and diagnostics.
+    pub fn queued_pushes(&self) -> usize {
+        self.group.queued()
     }
 
     fn path(&self, dir: &Dir, name: impl AsRef<OsStr>) -> PathBuf {

@@ -111,20 +111,94 @@ impl DirStore {
                 return Err(e);
             }
         };
+        // Each push flushes its own file, on its own thread: concurrent fsyncs reach the disk
+        // together and it merges their cache flushes, and an fsync error belongs to that file
+        // alone. (Measured on the project's ext4 disk, 8 threads: this beat a leader flushing
+        // the group's files for them, by one fsync each or by one `syncfs`; `syncfs` cut the
+        // disk's cache flushes to a third but also wrote back everything else dirty on the file
+        // system, and ran slower.) What the group shares is the directory flush.
         if let Err(e) = self.fs.fsync(&file, &self.d.tmp, &tmp) {
             // Never retried: after a failed fsync the page cache may claim data the disk lost.
             self.cleanup(std::slice::from_ref(&tmp), &[], &markers);
             return Err(Error::io(self.path(&self.d.tmp, &tmp), "syncing the job file", e));
         }
         drop(file);
-        if let Err(e) = self.publish(&tmp, &ready) {
-            self.cleanup(&[tmp], &[], &markers);
-            return Err(e);
+        let ticket;
+        {
+            let mut g = lock(&self.group.state);
+            ticket = g.next_ticket;
+            g.next_ticket += 1;
+            g.queue.push(Pending {
+                ticket,
+                tmp,
+                ready,
+                markers,
+            });
         }
-        if let Err(e) = self.fs.sync_dir(&self.d.ready) {
-            return Err(self.unpublish(&ready, &markers, e));
+        self.wait_for_flush(ticket).map(|()| id)
+    }
+
+    /// Waits until the push holding `ticket` has been published by a leader, or becomes the
+    /// leader itself when no flush is running: then it publishes every push queued so far, its
+    /// own included, with one directory flush. A leader never waits for more pushes to arrive,
+    /// so a push alone costs what it always did; pushes group only while another flush is in
+    /// progress.
+    fn wait_for_flush(&self, ticket: u64) -> Result<()> {
+        let mut g = lock(&self.group.state);
+        loop {
+            if let Some(r) = g.done.remove(&ticket) {
+                return r;
+            }
+            if g.flushing {
+                g = self.group.flushed.wait(g).unwrap_or_else(|e| e.into_inner());
+                continue;
+            }
+            // Our push is still queued (no leader took it: a leader takes the whole queue and
+            // reports every push in it before it lets go), so lead.
+            g.flushing = true;
+            let batch = std::mem::take(&mut g.queue);
+            drop(g);
+            let mut leader = Leader {
+                group: &self.group,
+                tickets: batch.iter().map(|p| p.ticket).collect(),
+                results: Vec::new(),
+            };
+            leader.results = self.flush(batch);
+            drop(leader);
+            g = lock(&self.group.state);
         }
-        Ok(id)
+    }
+
+    /// Makes a group of pushes whose files are durable visible: each rename into `ready/`, then
+    /// one fsync of `ready/` for all of them. Returns each push's own outcome: a rename that
+    /// fails (a name taken, say) fails its push only; a failed directory flush fails every push
+    /// of the group and leaves none of them visible.
+    fn flush(&self, batch: Vec<Pending>) -> Vec<(u64, Result<()>)> {
+        let mut out = Vec::with_capacity(batch.len());
+        // Each rename on its own: a failure is that push's.
+        let mut published = Vec::with_capacity(batch.len());
+        for p in batch {
+            match self.publish(&p.tmp, &p.ready) {
+                Ok(()) => published.push((p.ticket, p.ready, p.markers)),
+                Err(e) => {
+                    self.cleanup(&[p.tmp], &[], &p.markers);
+                    out.push((p.ticket, Err(e)));
+                }
+            }
+        }
+        if published.is_empty() {
+            return out;
+        }
+        // One directory flush for every rename of the group.
+        match self.fs.sync_dir(&self.d.ready) {
+            Ok(()) => out.extend(published.into_iter().map(|(t, _, _)| (t, Ok(())))),
+            Err(e) => {
+                for (t, ready, markers) in published {
+                    out.push((t, Err(self.unpublish(&ready, &markers, copy(&e)))));
+                }
+            }
+        }
+        out
     }
 
     pub(super) fn push_many(&self, jobs: &[NewJob]) -> Result<Vec<JobId>> {
@@ -167,12 +241,81 @@ impl DirStore {
         if let Err(e) = self.fs.sync_dir(&self.d.ready) {
             let mut first = None;
             for name in &published {
-                let err = self.unpublish(name, &[], io::Error::from_raw_os_error(e.raw_os_error().unwrap_or(5)));
+                let err = self.unpublish(name, &[], copy(&e));
                 first.get_or_insert(err);
             }
             self.cleanup(&[], &[], &markers);
             return Err(first.unwrap_or_else(|| Error::io(&self.d.ready.path, "syncing", e)));
         }
         Ok(written.into_iter().map(|w| w.0).collect())
+    }
+}
+
+/// The pushes of one store handle that wait for a flush, and the outcomes of flushed ones.
+#[derive(Default)]
+pub(super) struct GroupCommit {
+    state: Mutex<GroupState>,
+    /// Signalled when a leader has reported the outcomes of its group.
+    flushed: Condvar,
+}
+
+#[derive(Default)]
+struct GroupState {
+    /// A leader is flushing (it holds its group outside this lock).
+    flushing: bool,
+    /// Written pushes that no leader has taken yet.
+    queue: Vec<Pending>,
+    /// Outcomes of flushed pushes, until their pusher takes them.
+    done: HashMap<u64, Result<()>>,
+    next_ticket: u64,
+}
+
+impl GroupCommit {
+    /// Pushes written, synced and queued for a directory flush that no leader has taken yet.
+    pub(super) fn queued(&self) -> usize {
+        lock(&self.state).queue.len()
+    }
+}
+
+/// A push written and synced in `tmp/`, waiting to be made visible.
+struct Pending {
+    ticket: u64,
+    tmp: OsString,
+    ready: String,
+    markers: Vec<JobId>,
+}
+
+/// A leader's hold on the group: reports the outcomes and hands over, even if the flush
+/// panicked (then every push of the group fails rather than waits forever).
+struct Leader<'a> {
+    group: &'a GroupCommit,
+    tickets: Vec<u64>,
+    results: Vec<(u64, Result<()>)>,
+}
+
+impl Drop for Leader<'_> {
+    fn drop(&mut self) {
+        let mut g = lock(&self.group.state);
+        for (t, r) in self.results.drain(..) {
+            g.done.insert(t, r);
+        }
+        for t in &self.tickets {
+            g.done.entry(*t).or_insert_with(|| {
+                Err(Error::Invalid(
+                    "the flush of this push failed unexpectedly (panic)".into(),
+                ))
+            });
+        }
+        g.flushing = false;
+        drop(g);
+        self.group.flushed.notify_all();
+    }
+}
+
+/// A second `io::Error` with the same meaning, for each push a shared failure fails.
+fn copy(e: &io::Error) -> io::Error {
+    match e.raw_os_error() {
+        Some(n) => io::Error::from_raw_os_error(n),
+        None => io::Error::new(e.kind(), e.to_string()),
     }
 }
