@@ -843,3 +843,43 @@ fn a_handler_that_cannot_be_executed_fails_the_attempt_with_the_reason() {
     let text = stdout(&o);
     assert!(text.contains("No such file or directory"), "{text}");
 }
+
+/// Kills aimed at the spawn path itself: a runner whose handlers each leave a grandchild and
+/// exit at once spends most of its time between clone and exec, registering groups with its
+/// guardian and reaping; `kill -9` at any of those moments must leave no process behind.
+#[test]
+fn kill_9_while_handlers_are_being_started_leaves_no_grandchild_behind() {
+    let (_d, q) = queue();
+    let qs = q_str(&q);
+    let jobs: String = (0..2000).map(|_| "x\n").collect();
+    let mut p = cmd(&["push", qs, "--batch"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(p.stdin.as_mut().unwrap(), jobs.as_bytes()).unwrap();
+    assert!(p.wait().unwrap().success());
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    for _ in 0..40 {
+        let mut r = spawn(&[
+            "run",
+            qs,
+            "-j",
+            "3",
+            "--max-attempts",
+            "1000",
+            "--",
+            "sh",
+            "-c",
+            "sleep 30 & exit 0",
+        ]);
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        std::thread::sleep(Duration::from_millis(5 + seed % 60));
+        signal(&r, Signal::SIGKILL);
+        r.wait().unwrap();
+        wait_for("orphans to die", Duration::from_secs(10), || {
+            processes_with_env(qs).is_empty()
+        });
+    }
+}
