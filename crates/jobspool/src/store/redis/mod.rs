@@ -88,6 +88,34 @@ impl Address {
     }
 }
 
+/// Each script's name and its SHA1 digest, the name `EVALSHA` calls it by: for tools that count
+/// what a client sends to the server (the benchmark harness).
+pub fn script_digests() -> Vec<(&'static str, String)> {
+    [
+        ("push", scripts::PUSH),
+        ("claim", scripts::CLAIM),
+        ("reclaim", scripts::RECLAIM),
+        ("heartbeat", scripts::HEARTBEAT),
+        ("ack", scripts::ACK),
+        ("retry", scripts::RETRY),
+        ("bury", scripts::BURY),
+        ("release", scripts::RELEASE),
+        ("quarantine", scripts::QUARANTINE),
+        ("revive", scripts::REVIVE),
+        ("remove", scripts::REMOVE),
+        ("stats", scripts::STATS),
+        ("next_due", scripts::NEXT_DUE),
+        ("log_append", scripts::LOG_APPEND),
+        ("record", scripts::RECORD),
+        ("announce", scripts::ANNOUNCE),
+        ("runners", scripts::RUNNERS),
+        ("forget_runners", scripts::FORGET_RUNNERS),
+    ]
+    .into_iter()
+    .map(|(name, body)| (name, Script::new(&scripts::source(body)).get_hash().to_string()))
+    .collect()
+}
+
 /// True when `target` names a Redis queue rather than a directory.
 pub fn is_url(target: &str) -> bool {
     target.starts_with("redis://") || target.starts_with("rediss://")
