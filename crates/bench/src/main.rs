@@ -494,9 +494,9 @@ fn backlogs(cfg: &Cfg, on: On) -> Vec<Row> {
         progress(&format!("{label}backlog of {b}"));
         let name = format!("backlog{b}");
         let q = on.target(cfg, &name, 1);
-        let probe = || match on {
+        let server = match on {
             On::Dir => None,
-            On::Redis(port) => redis::info_field(port, "memory", "used_memory"),
+            On::Redis(port) => Some(redis::Probe(port)),
         };
         match work::backlog(
             cfg.bin.as_deref(),
@@ -505,7 +505,7 @@ fn backlogs(cfg: &Cfg, on: On) -> Vec<Row> {
             &on.file(cfg, &format!("{name}.runner.log")),
             b,
             cfg.drain_k,
-            &probe,
+            server.as_ref().map(|s| s as &dyn work::Server),
         ) {
             Ok(r) => results.push(r),
             Err(e) => rows.push(Row::skipped(
@@ -557,6 +557,11 @@ fn backlogs(cfg: &Cfg, on: On) -> Vec<Row> {
                 "; server memory +{:.1} MB for the backlog ({} bytes/job)",
                 bytes as f64 / 1048576.0,
                 bytes / r.ready.max(1) as i64
+            ));
+        }
+        if let Some(us) = r.server_us_per_call {
+            note.push_str(&format!(
+                "; server time per claim or ack script {us:.1} µs (INFO commandstats, evalsha usec_per_call: no round trip, no fsync)"
             ));
         }
         row = row.note(note);

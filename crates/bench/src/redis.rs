@@ -133,6 +133,45 @@ pub fn info_field(port: u16, section: &str, field: &str) -> Option<u64> {
         .and_then(|v| v.trim().parse().ok())
 }
 
+/// Waits (up to 60 s) until the server has no append-only-file rewrite running or scheduled.
+/// Filling a backlog doubles the AOF, which starts an automatic rewrite (a fork writing the
+/// whole data set while every write still waits for its own fsync): timing claims meanwhile
+/// measures the rewrite, not the claims.
+pub fn quiet(port: u16) {
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(60) {
+        let busy = ["aof_rewrite_in_progress", "aof_rewrite_scheduled"]
+            .iter()
+            .any(|f| info_field(port, "persistence", f).unwrap_or(0) != 0);
+        if !busy {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The harness's server as seen by item 5.
+pub struct Probe(pub u16);
+
+impl crate::work::Server for Probe {
+    fn memory(&self) -> Option<u64> {
+        quiet(self.0);
+        info_field(self.0, "memory", "used_memory")
+    }
+
+    fn reset_stats(&self) {
+        let _ = command(self.0, 0, &["CONFIG", "RESETSTAT"]);
+    }
+
+    fn us_per_script(&self) -> Option<f64> {
+        let text = command(self.0, 0, &["INFO", "commandstats"]).ok()?;
+        let line = text.lines().find_map(|l| l.strip_prefix("cmdstat_evalsha:"))?;
+        line.split(',')
+            .find_map(|kv| kv.strip_prefix("usec_per_call="))
+            .and_then(|v| v.trim().parse().ok())
+    }
+}
+
 /// A loopback proxy to the server that counts the requests its clients send, by command (and,
 /// for `EVALSHA`, by script: jobspool's transitions are all scripts). Put in front of one
 /// process only, it counts that process's requests, which the server's own `INFO commandstats`

@@ -218,13 +218,26 @@ pub struct Backlog {
     /// Peak RSS of a `jobspool run` process on the same backlog, kB.
     pub runner_hwm_kb: Option<u64>,
     pub runner_note: String,
-    /// Growth of the server's memory (`probe`) from before the fill to after it, bytes.
+    /// Growth of the server's memory from before the fill to after it, bytes.
     pub server_bytes: Option<i64>,
+    /// The server's own time per script call (claims and acks) over the timed claims, µs: the
+    /// claim cost without the round trip and the append-only file's fsync.
+    pub server_us_per_call: Option<f64>,
+}
+
+/// The server behind a queue, when there is one (Redis).
+pub trait Server {
+    /// Its memory in bytes, once it is quiet (no background work of its own running).
+    fn memory(&self) -> Option<u64>;
+    /// Starts counting its time per script call afresh.
+    fn reset_stats(&self);
+    /// Its time per script call since [`Server::reset_stats`], µs.
+    fn us_per_script(&self) -> Option<f64>;
 }
 
 /// Claim cost against backlog: `ready` jobs ready, then `k` claims + acks from a fresh handle.
 /// `dir` is the queue directory for the directory store (`None`: a Redis queue, whose runner's
-/// first job is seen in the store's counts); `probe` reads the server's memory, if any.
+/// first job is seen in the store's counts); `server` is the server behind it, if any.
 pub fn backlog(
     bin: Option<&Path>,
     target: &str,
@@ -232,14 +245,16 @@ pub fn backlog(
     log: &Path,
     ready: usize,
     k: usize,
-    probe: &dyn Fn() -> Option<u64>,
+    server: Option<&dyn Server>,
 ) -> R<Backlog> {
     let target = target.to_string();
-    let mem0 = probe();
+    let mem0 = server.and_then(|s| s.memory());
     let t = Instant::now();
     fill(&*open(&target)?, ready)?;
     let fill_secs = t.elapsed().as_secs_f64();
-    let server_bytes = mem0.zip(probe()).map(|(a, b)| b as i64 - a as i64);
+    let server_bytes = mem0
+        .zip(server.and_then(|s| s.memory()))
+        .map(|(a, b)| b as i64 - a as i64);
     // The handle that fills keeps nothing; a fresh one lists the backlog on its first claim.
     let rss0 = procfs::status_kb(std::process::id(), "VmRSS").unwrap_or(0) as i64;
     let store = open(&target)?;
@@ -252,12 +267,16 @@ pub fn backlog(
     store.ack(&c.lease).map_err(|e| e.to_string())?;
     let first_claim_secs = t.elapsed().as_secs_f64();
     let k = k.min(ready / 2);
+    if let Some(s) = server {
+        s.reset_stats();
+    }
     let t = Instant::now();
     for _ in 0..k {
         let c = store.claim(lease).map_err(|e| e.to_string())?.ok_or("ran out")?;
         store.ack(&c.lease).map_err(|e| e.to_string())?;
     }
     let rate = k as f64 / t.elapsed().as_secs_f64();
+    let server_us_per_call = server.and_then(|s| s.us_per_script());
     let lib_rss_kb = procfs::status_kb(std::process::id(), "VmRSS").unwrap_or(0) as i64 - rss0;
     let (runner_hwm_kb, runner_note) = match bin {
         None => (None, "jobspool binary not found".to_string()),
@@ -292,6 +311,7 @@ pub fn backlog(
         runner_hwm_kb,
         runner_note,
         server_bytes,
+        server_us_per_call,
     })
 }
 
