@@ -715,7 +715,14 @@ fn storm_rows(cfg: &Cfg, bin: &Path, on: On) -> R<Vec<Row>> {
             .value(format!("push {}/s, drain {}/s", rate(s.push_rate), rate(s.drain_rate)))
             .reference(ref_str("fork+exec+wait `true`, 2 threads", spawn_rate))
             .ratio(s.drain_rate / spawn_rate, None)
-            .note("drain = first push until the queue is empty (spawn-bound)"),
+            .note(match on {
+                On::Dir => "drain = first push until the queue is empty (spawn-bound)",
+                // Measured by the counted storm below: per job a claim, two log appends, two
+                // history records and an ack, each a write the server fsyncs before answering.
+                On::Redis(_) => {
+                    "drain = first push until the queue is empty (bound by the spawn and by the runner's writes per job, each waiting for the server's fsync: see the counted row)"
+                }
+            }),
     ];
     let n = (cfg.storm_n / 5).max(400);
     match on {
