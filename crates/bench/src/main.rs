@@ -36,9 +36,11 @@ usage: bench [--quick | --full] [options]
   --out FILE          results table (markdown; default: target/bench-results.md)
   --jobspool PATH     the jobspool binary (default: next to this binary; built if missing)
   --no-build          never run cargo to build the jobspool binary
-  --only LIST         comma-separated items to run: 1..9, peers (default: all of the mode)
+  --only LIST         comma-separated items to run: 1..9, peers (default: all of the mode);
+                      with --redis, items 1..8 also run on Redis (rows k/9), 9 runs all of them there
   --backlog LIST      backlog sizes for item 5 (default 1000,100000; --full adds 1000000)
-  --redis / --no-redis
+  --redis / --no-redis  also run the workloads on a Redis server the harness starts
+                      (redis-server on PATH; appendfsync always)
   --peers / --no-peers
   --slow-peers        also pueue and RQ with a forking worker (minutes)
   --peers-dir DIR     the peer scripts (default ../shared/bench/peers, then /work/shared/bench/peers)
@@ -432,24 +434,74 @@ fn claims(cfg: &Cfg, kind: &str, target: &dyn Fn(&str) -> String, item: &str) ->
     rows
 }
 
-fn runs(cfg: &Cfg, bin: &Path) -> Vec<Row> {
+/// The store a runner workload (items 4, 5, 7, 8) runs on: a queue directory under the work
+/// directory, or a queue on the harness's Redis server (its port).
+#[derive(Clone, Copy)]
+enum On {
+    Dir,
+    Redis(u16),
+}
+
+impl On {
+    /// A fresh queue called `name`, as `jobspool` takes it. `db` is the Redis database (a backlog
+    /// gets its own, flushed afterwards).
+    fn target(self, cfg: &Cfg, name: &str, db: u32) -> String {
+        match self {
+            On::Dir => work::scratch(&cfg.dir, name).to_string_lossy().into_owned(),
+            On::Redis(port) => format!("redis://127.0.0.1:{port}/{db}?queue={name}"),
+        }
+    }
+
+    /// The queue directory of `target`, for the directory store.
+    fn dir(self, target: &str) -> Option<PathBuf> {
+        matches!(self, On::Dir).then(|| PathBuf::from(target))
+    }
+
+    /// A file of the harness's own (runner logs, traces) for the queue `name`.
+    fn file(self, cfg: &Cfg, name: &str) -> PathBuf {
+        match self {
+            On::Dir => cfg.dir.join(name),
+            On::Redis(_) => cfg.dir.join(format!("redis-{name}")),
+        }
+    }
+
+    /// The row's item: `4`, or `4/9` for Redis (item 9 asks for the same workloads on Redis).
+    fn item(self, k: &str) -> String {
+        match self {
+            On::Dir => k.to_string(),
+            On::Redis(_) => format!("{k}/9"),
+        }
+    }
+
+    /// Prefix of the row's workload.
+    fn label(self) -> &'static str {
+        match self {
+            On::Dir => "",
+            On::Redis(_) => "redis: ",
+        }
+    }
+}
+
+fn runs(cfg: &Cfg, bin: &Path, on: On) -> Vec<Row> {
     let mut rows = Vec::new();
+    let (item, label) = (on.item("4"), on.label());
     for slots in [1, 2] {
-        progress(&format!("jobspool run --drain -j {slots} -- true"));
+        progress(&format!("{label}jobspool run --drain -j {slots} -- true"));
         skip_on_err(
             &mut rows,
-            "4",
-            &format!("jobspool run -j {slots}"),
+            &item,
+            &format!("{label}jobspool run -j {slots}"),
             (|| {
-                let q = work::scratch(&cfg.dir, &format!("run{slots}"));
+                let name = format!("run{slots}");
+                let q = on.target(cfg, &name, 0);
                 let r0 = io(phys::spawn_true(cfg.spawn_ref_n, slots))?;
-                let v = work::cli_run_drain(bin, &q.to_string_lossy(), cfg.run_n, slots, &q.with_extension("log"))?;
+                let v = work::cli_run_drain(bin, &q, cfg.run_n, slots, &on.file(cfg, &format!("{name}.log")))?;
                 let r1 = io(phys::spawn_true(cfg.spawn_ref_n, slots))?;
                 let (r, rs) = bracket(&format!("fork+exec+wait `true`, {slots} thread(s)"), r0, r1);
                 Ok(vec![
                     Row::new(
-                        "4",
-                        format!("`jobspool run --drain -j {slots} -- true` (N={})", cfg.run_n),
+                        &item,
+                        format!("{label}`jobspool run --drain -j {slots} -- true` (N={})", cfg.run_n),
                     )
                     .value(format!("{}/s", rate(v)))
                     .reference(rs)
@@ -462,24 +514,54 @@ fn runs(cfg: &Cfg, bin: &Path) -> Vec<Row> {
     rows
 }
 
-fn backlogs(cfg: &Cfg) -> Vec<Row> {
+fn backlogs(cfg: &Cfg, on: On) -> Vec<Row> {
     let mut rows = Vec::new();
+    let (item, label) = (on.item("5"), on.label());
     let mut results: Vec<work::Backlog> = Vec::new();
     for &b in &cfg.backlogs {
-        progress(&format!("backlog of {b}"));
-        let q = work::scratch(&cfg.dir, &format!("backlog{b}"));
-        match work::backlog(cfg.bin.as_deref(), &q, b, cfg.drain_k) {
+        progress(&format!("{label}backlog of {b}"));
+        let name = format!("backlog{b}");
+        let q = on.target(cfg, &name, 1);
+        let server = match on {
+            On::Dir => None,
+            On::Redis(port) => Some(redis::Probe(port)),
+        };
+        match work::backlog(
+            cfg.bin.as_deref(),
+            &q,
+            on.dir(&q).as_deref(),
+            &on.file(cfg, &format!("{name}.runner.log")),
+            b,
+            cfg.drain_k,
+            server.as_ref().map(|s| s as &dyn work::Server),
+        ) {
             Ok(r) => results.push(r),
-            Err(e) => rows.push(Row::skipped("5", format!("backlog {b}"), format!("failed: {e}"))),
+            Err(e) => rows.push(Row::skipped(
+                &item,
+                format!("{label}backlog {b}"),
+                format!("failed: {e}"),
+            )),
         }
-        progress(&format!("removing backlog of {b}"));
-        let _ = std::fs::remove_dir_all(&q);
+        progress(&format!("{label}removing backlog of {b}"));
+        match on {
+            On::Dir => {
+                let _ = std::fs::remove_dir_all(&q);
+            }
+            On::Redis(port) => {
+                if let Err(e) = redis::command(port, 1, &["FLUSHDB"]) {
+                    eprintln!("bench: flushing the backlog's database: {e}");
+                }
+            }
+        }
     }
     let base = results.first().map(|r| (r.ready, r.rate));
     for r in &results {
         let mut row = Row::new(
-            "5",
-            format!("drain rate, {} ready (claim+ack of {}, 1 thread)", r.ready, r.claimed),
+            &item,
+            format!(
+                "{label}drain rate, {} ready (claim+ack of {}, 1 thread)",
+                r.ready, r.claimed
+            ),
         )
         .value(format!("{}/s", rate(r.rate)));
         if let Some((n0, v0)) = base {
@@ -487,14 +569,32 @@ fn backlogs(cfg: &Cfg) -> Vec<Row> {
             let is_largest = r.ready == *cfg.backlogs.iter().max().unwrap_or(&0) && r.ready != n0;
             row = row.ratio(r.rate / v0, if is_largest { Some(0.8) } else { None });
         }
-        row = row.note(format!(
-            "first claim (lists ready/ once) {:.1} ms; filling took {:.1} s; library index +{} MB RSS",
+        let first = match on {
+            On::Dir => "first claim (lists ready/ once)",
+            On::Redis(_) => "first claim",
+        };
+        let mut note = format!(
+            "{first} {:.1} ms; filling took {:.1} s; library index +{} MB RSS",
             r.first_claim_secs * 1e3,
             r.fill_secs,
             r.lib_rss_kb.max(0) / 1024
-        ));
+        );
+        if let Some(bytes) = r.server_bytes {
+            note = note.replace("library index", "library");
+            note.push_str(&format!(
+                "; server memory +{:.1} MB for the backlog ({} bytes/job)",
+                bytes as f64 / 1048576.0,
+                bytes / r.ready.max(1) as i64
+            ));
+        }
+        if let Some(us) = r.server_us_per_call {
+            note.push_str(&format!(
+                "; server time per claim or ack script {us:.1} µs (INFO commandstats, evalsha usec_per_call: no round trip, no fsync)"
+            ));
+        }
+        row = row.note(note);
         rows.push(row);
-        let mem = Row::new("5", format!("runner peak RSS, {} ready", r.ready));
+        let mem = Row::new(&item, format!("{label}runner peak RSS, {} ready", r.ready));
         rows.push(match r.runner_hwm_kb {
             Some(kb) => {
                 let mb = kb as f64 / 1024.0;
@@ -505,8 +605,8 @@ fn backlogs(cfg: &Cfg) -> Vec<Row> {
                 m
             }
             None => Row::skipped(
-                "5",
-                format!("runner peak RSS, {} ready", r.ready),
+                &item,
+                format!("{label}runner peak RSS, {} ready", r.ready),
                 r.runner_note.clone(),
             ),
         });
@@ -534,13 +634,43 @@ fn latency_rows(kind: &str, target: &str, n: usize, item: &str) -> R<Vec<Row>> {
     ])
 }
 
-fn idle_rows(cfg: &Cfg, bin: &Path) -> R<Vec<Row>> {
-    let q = work::scratch(&cfg.dir, "idle");
-    let i = work::idle(bin, &q, cfg.idle_settle, cfg.idle_window)?;
-    Ok(vec![
+/// "evalsha claim 12, evalsha ack 10": requests by name, most first.
+fn by_name(counts: &[(String, u64)]) -> String {
+    counts
+        .iter()
+        .map(|(k, n)| format!("{k} {n}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn idle_rows(cfg: &Cfg, bin: &Path, on: On) -> R<Vec<Row>> {
+    let (item, label) = (on.item("7"), on.label());
+    let q = on.target(cfg, "idle", 0);
+    let log = on.file(cfg, "idle.runner.log");
+    // On Redis the runner talks to the server through a counting proxy: what it sends while
+    // idle is the Redis side of "no polling".
+    let proxy = match on {
+        On::Dir => None,
+        On::Redis(port) => Some(redis::CountingProxy::start(port)?),
+    };
+    let runner_q = match (&proxy, on) {
+        (Some(p), On::Redis(_)) => format!("redis://127.0.0.1:{}/0?queue=idle", p.port),
+        _ => q.clone(),
+    };
+    let counter = proxy.as_ref().map(|p| move || p.counts());
+    let i = work::idle(
+        bin,
+        &q,
+        &runner_q,
+        &log,
+        cfg.idle_settle,
+        cfg.idle_window,
+        counter.as_ref().map(|f| f as &dyn Fn() -> _),
+    )?;
+    let mut rows = vec![
         Row::new(
-            "7",
-            format!("idle runner, {:.0} s: wake-up bursts", i.window.as_secs_f64()),
+            &item,
+            format!("{label}idle runner, {:.0} s: wake-up bursts", i.window.as_secs_f64()),
         )
         .value(format!("{} bursts, {} context switches", i.episodes, i.switches))
         .reference(format!("{} heartbeat ticks due", i.ticks))
@@ -555,25 +685,49 @@ fn idle_rows(cfg: &Cfg, bin: &Path) -> R<Vec<Row>> {
                 .collect::<Vec<_>>()
                 .join(", ")
         )),
-        Row::new("7", format!("idle runner, {:.0} s: CPU", i.window.as_secs_f64()))
+        Row::new(&item, format!("{label}idle runner, {:.0} s: CPU", i.window.as_secs_f64()))
             .value(format!("{:.0} ms", i.cpu_ms))
             .note("utime+stime from /proc, 10 ms resolution"),
-    ])
+    ];
+    if let Some(req) = &i.requests {
+        let total: u64 = req.iter().map(|(_, n)| n).sum();
+        rows.push(
+            Row::new(
+                &item,
+                format!(
+                    "{label}idle runner, {:.0} s: requests to the server",
+                    i.window.as_secs_f64()
+                ),
+            )
+            .value(format!("{total} requests"))
+            .reference(format!("{} heartbeat ticks due", i.ticks))
+            .note(format!(
+                "counted by a proxy between the runner and Redis (RESP requests, scripts by digest): {}",
+                if req.is_empty() {
+                    "none".to_string()
+                } else {
+                    by_name(req)
+                }
+            )),
+        );
+    }
+    Ok(rows)
 }
 
-fn storm_rows(cfg: &Cfg, bin: &Path) -> R<Vec<Row>> {
-    let q = work::scratch(&cfg.dir, "storm");
+fn storm_rows(cfg: &Cfg, bin: &Path, on: On) -> R<Vec<Row>> {
+    let (item, label) = (on.item("8"), on.label());
+    let q = on.target(cfg, "storm", 0);
     let spawn_n = cfg.spawn_ref_n / 2;
     let (self0, kids0) = (procfs::self_cpu_secs(), procfs::children_cpu_secs());
     let spawn_rate = io(phys::spawn_true(spawn_n, 2))?;
     let spawn_self_us = (procfs::self_cpu_secs() - self0) * 1e6 / spawn_n as f64;
     let spawn_all_us = spawn_self_us + (procfs::children_cpu_secs() - kids0) * 1e6 / spawn_n as f64;
-    let s = work::storm(bin, &q, cfg.storm_n, 4, false)?;
+    let s = work::storm(bin, &q, &q, &on.file(cfg, "storm.runner.log"), None, cfg.storm_n, 4)?;
     let mut rows = vec![
         Row::new(
-            "8",
+            &item,
             format!(
-                "push storm ({} producers, {} jobs) while `run -j 2 -- true` drains: runner CPU/job",
+                "{label}push storm ({} producers, {} jobs) while `run -j 2 -- true` drains: runner CPU/job",
                 s.producers, s.n
             ),
         )
@@ -585,43 +739,116 @@ fn storm_rows(cfg: &Cfg, bin: &Path) -> R<Vec<Row>> {
         .note(
             "runner's own threads only (handlers not counted); ratio: runner overhead per job over a whole bare spawn",
         ),
-        Row::new("8", "push storm: producer and drain rates")
+        Row::new(&item, format!("{label}push storm: producer and drain rates"))
             .value(format!("push {}/s, drain {}/s", rate(s.push_rate), rate(s.drain_rate)))
             .reference(ref_str("fork+exec+wait `true`, 2 threads", spawn_rate))
             .ratio(s.drain_rate / spawn_rate, None)
-            .note("drain = first push until the queue is empty (spawn-bound)"),
-    ];
-    if cfg.strace {
-        let have = std::process::Command::new("strace")
-            .arg("-V")
-            .output()
-            .is_ok_and(|o| o.status.success());
-        if !have {
-            rows.push(Row::skipped("8", "push storm: ready/ listings", "strace not installed"));
-        } else {
-            let n = (cfg.storm_n / 5).max(400);
-            let q = work::scratch(&cfg.dir, "storm-traced");
-            match work::storm(bin, &q, n, 4, true) {
-                Ok(t) => {
-                    let l = t.listings.unwrap_or(0);
-                    rows.push(
-                        Row::new(
-                            "8",
-                            format!("push storm under strace ({} jobs): listings of ready/", t.n),
-                        )
-                        .value(format!("{l} listings"))
-                        .reference(format!("{} pushes", t.n))
-                        .ratio(l as f64 / t.n as f64, None)
-                        .target(
-                            "no rescan per push (listings ≪ pushes)",
-                            (l as f64) < (t.n as f64 / 100.0).max(3.0),
-                        )
-                        .note("getdents64 on ready/ returning 0 (end of a listing), counted by strace --seccomp-bpf"),
-                    );
+            .note(match on {
+                On::Dir => "drain = first push until the queue is empty (spawn-bound)",
+                // Measured by the counted storm below: per job a claim, two log appends, two
+                // history records and an ack, each a write the server fsyncs before answering.
+                On::Redis(_) => {
+                    "drain = first push until the queue is empty (bound by the spawn and by the runner's writes per job, each waiting for the server's fsync: see the counted row)"
                 }
-                Err(e) => rows.push(Row::skipped("8", "push storm: ready/ listings", format!("failed: {e}"))),
+            }),
+    ];
+    let n = (cfg.storm_n / 5).max(400);
+    match on {
+        On::Redis(port) => {
+            // What the runner sends per job, counted by a proxy in front of it alone (the
+            // producers talk to the server directly). A runner that claimed once per push on
+            // top of once per job, or listed the queue, would show here.
+            let counted = (|| -> R<Vec<Row>> {
+                let proxy = redis::CountingProxy::start(port)?;
+                let q = on.target(cfg, "storm-counted", 0);
+                let via = format!("redis://127.0.0.1:{}/0?queue=storm-counted", proxy.port);
+                let t = work::storm(bin, &q, &via, &on.file(cfg, "storm-counted.runner.log"), None, n, 4)?;
+                let counts = redis::count_delta(&Default::default(), &proxy.counts());
+                let total: u64 = counts.iter().map(|(_, k)| k).sum();
+                let get = |name: &str| counts.iter().find(|(k, _)| k == name).map_or(0, |(_, k)| *k);
+                let claims = get("evalsha claim");
+                let listings: u64 = counts
+                    .iter()
+                    .filter(|(k, _)| {
+                        ["zrange", "zrangebyscore", "scan", "zscan", "keys", "hgetall", "lrange"].contains(&k.as_str())
+                    })
+                    .map(|(_, k)| k)
+                    .sum();
+                let extra = claims.saturating_sub(t.n as u64);
+                Ok(vec![
+                    Row::new(
+                        &item,
+                        format!("{label}push storm through a counting proxy ({} jobs): requests the runner sent", t.n),
+                    )
+                    .value(format!(
+                        "{total} requests ({:.2}/job); {claims} claims, {listings} listings",
+                        total as f64 / t.n as f64
+                    ))
+                    .reference(format!("{} pushes", t.n))
+                    .ratio(extra as f64 / t.n as f64, None)
+                    .target(
+                        "no claim or listing per push beyond one claim per job (claims − jobs ≪ pushes)",
+                        (extra as f64) < (t.n as f64 / 100.0).max(10.0) && listings == 0,
+                    )
+                    .note(format!(
+                        "ratio: claims beyond one per job, per push; RESP requests from the runner (every connection: pool and subscription), scripts named by digest: {}",
+                        by_name(&counts)
+                    )),
+                ])
+            })();
+            match counted {
+                Ok(v) => rows.extend(v),
+                Err(e) => rows.push(Row::skipped(
+                    &item,
+                    format!("{label}push storm: requests per job"),
+                    format!("failed: {e}"),
+                )),
             }
         }
+        On::Dir if cfg.strace => {
+            let have = std::process::Command::new("strace")
+                .arg("-V")
+                .output()
+                .is_ok_and(|o| o.status.success());
+            if !have {
+                rows.push(Row::skipped(
+                    &item,
+                    "push storm: ready/ listings",
+                    "strace not installed",
+                ));
+            } else {
+                let q = on.target(cfg, "storm-traced", 0);
+                let dir = PathBuf::from(&q);
+                let trace = dir.with_extension("strace");
+                match work::storm(bin, &q, &q, &dir.with_extension("runner.log"), Some(&trace), n, 4) {
+                    Ok(t) => {
+                        let l = t.listings.unwrap_or(0);
+                        rows.push(
+                            Row::new(
+                                &item,
+                                format!("push storm under strace ({} jobs): listings of ready/", t.n),
+                            )
+                            .value(format!("{l} listings"))
+                            .reference(format!("{} pushes", t.n))
+                            .ratio(l as f64 / t.n as f64, None)
+                            .target(
+                                "no rescan per push (listings ≪ pushes)",
+                                (l as f64) < (t.n as f64 / 100.0).max(3.0),
+                            )
+                            .note(
+                                "getdents64 on ready/ returning 0 (end of a listing), counted by strace --seccomp-bpf",
+                            ),
+                        );
+                    }
+                    Err(e) => rows.push(Row::skipped(
+                        &item,
+                        "push storm: ready/ listings",
+                        format!("failed: {e}"),
+                    )),
+                }
+            }
+        }
+        On::Dir => {}
     }
     Ok(rows)
 }
@@ -636,6 +863,15 @@ fn with_limit<T: Send + 'static>(limit: Duration, f: impl FnOnce() -> R<T> + Sen
     });
     rx.recv_timeout(limit)
         .unwrap_or_else(|_| Err(format!("no answer within {} s", limit.as_secs())))
+}
+
+/// The items run on Redis too (item 9 asks for "the same workloads on the Redis store").
+const REDIS_ITEMS: [&str; 8] = ["1", "2", "3", "4", "5", "6", "7", "8"];
+
+/// Whether item `k` runs on Redis (with `--redis`): `--only 9` runs every one, `--only 3` or
+/// `--only 3/9` item 3.
+fn redis_wants(cfg: &Cfg, k: &str) -> bool {
+    cfg.wants("9") || cfg.wants(k) || cfg.wants(&format!("{k}/9"))
 }
 
 fn redis_rows(cfg: &Cfg, note: &mut Vec<String>) -> Vec<Row> {
@@ -657,28 +893,87 @@ fn redis_rows(cfg: &Cfg, note: &mut Vec<String>) -> Vec<Row> {
     let target = move |name: &str| format!("redis://127.0.0.1:{port}/0?queue={name}");
     let mut rows = Vec::new();
     let limit = Duration::from_secs(if cfg.quick { 20 } else { 120 });
-    // Each group runs on its own thread with a time limit: the store is new and may hang.
-    let c = Cfg {
-        only: None,
+    // The items asked for, as the items of the copies of `cfg` given to each group.
+    let only = Some(
+        REDIS_ITEMS
+            .iter()
+            .filter(|k| redis_wants(cfg, k))
+            .map(|k| k.to_string())
+            .collect::<Vec<_>>(),
+    );
+    let sized = || Cfg {
+        only: only.clone(),
         ..clone_sizes(cfg)
     };
-    let r = with_limit(limit, move || Ok(pushes(&c, "redis", &target, "/9")));
-    match r {
-        Ok(v) => rows.extend(v),
-        Err(e) => rows.push(Row::skipped("9", "redis: pushes", e)),
+    // Each group runs on its own thread with a time limit: the store is new and may hang.
+    if redis_wants(cfg, "1") || redis_wants(cfg, "2") {
+        let c = sized();
+        let r = with_limit(limit, move || Ok(pushes(&c, "redis", &target, "/9")));
+        match r {
+            Ok(v) => rows.extend(v),
+            Err(e) => rows.push(Row::skipped("9", "redis: pushes", e)),
+        }
     }
-    let c = clone_sizes(cfg);
-    let r = with_limit(limit, move || Ok(claims(&c, "redis", &target, "3/9")));
-    match r {
-        Ok(v) => rows.extend(v),
-        Err(e) => rows.push(Row::skipped("9", "redis: claim + ack", e)),
+    if redis_wants(cfg, "3") {
+        let c = sized();
+        let r = with_limit(limit, move || Ok(claims(&c, "redis", &target, "3/9")));
+        match r {
+            Ok(v) => rows.extend(v),
+            Err(e) => rows.push(Row::skipped("9", "redis: claim + ack", e)),
+        }
     }
-    let url = server.url("latency");
-    let n = cfg.latency_n;
-    let latency_limit = Duration::from_secs(30).min(limit);
-    match with_limit(latency_limit, move || latency_rows("redis", &url, n, "6/9")) {
-        Ok(v) => rows.extend(v),
-        Err(e) => rows.push(Row::skipped("6/9", "redis: wake-up latency", format!("failed: {e}"))),
+    let on = On::Redis(port);
+    let no_bin =
+        |item: &str, what: &str| Row::skipped(item, what, "jobspool binary not found (build it, or --jobspool PATH)");
+    // The runner workloads take longer than the library ones (item 8 pushes and drains
+    // --storm-n jobs at spawn speed): their limits are those of the same items on a directory.
+    if redis_wants(cfg, "4") {
+        match &cfg.bin {
+            Some(b) => {
+                let (c, b) = (sized(), b.clone());
+                match with_limit(limit.max(Duration::from_secs(600)), move || Ok(runs(&c, &b, on))) {
+                    Ok(v) => rows.extend(v),
+                    Err(e) => rows.push(Row::skipped("4/9", "redis: jobspool run -- true", e)),
+                }
+            }
+            None => rows.push(no_bin("4/9", "redis: jobspool run -- true")),
+        }
+    }
+    if redis_wants(cfg, "5") {
+        let c = sized();
+        match with_limit(limit.max(Duration::from_secs(1800)), move || Ok(backlogs(&c, on))) {
+            Ok(v) => rows.extend(v),
+            Err(e) => rows.push(Row::skipped("5/9", "redis: backlog", e)),
+        }
+    }
+    if redis_wants(cfg, "6") {
+        let url = server.url("latency");
+        let n = cfg.latency_n;
+        let latency_limit = Duration::from_secs(30).min(limit);
+        match with_limit(latency_limit, move || latency_rows("redis", &url, n, "6/9")) {
+            Ok(v) => rows.extend(v),
+            Err(e) => rows.push(Row::skipped("6/9", "redis: wake-up latency", format!("failed: {e}"))),
+        }
+    }
+    if redis_wants(cfg, "7") {
+        progress("redis: idle runner");
+        match &cfg.bin {
+            Some(b) => skip_on_err(&mut rows, "7/9", "redis: idle runner", idle_rows(cfg, b, on)),
+            None => rows.push(no_bin("7/9", "redis: idle runner")),
+        }
+    }
+    if redis_wants(cfg, "8") {
+        progress("redis: push storm");
+        match &cfg.bin {
+            Some(b) => {
+                let (c, b) = (sized(), b.clone());
+                match with_limit(Duration::from_secs(1800), move || storm_rows(&c, &b, on)) {
+                    Ok(v) => rows.extend(v),
+                    Err(e) => rows.push(Row::skipped("8/9", "redis: push storm", format!("failed: {e}"))),
+                }
+            }
+            None => rows.push(no_bin("8/9", "redis: push storm")),
+        }
     }
     for r in &mut rows {
         if r.verdict == Verdict::Skipped && !r.workload.contains("redis") {
@@ -872,13 +1167,13 @@ fn main() {
     write_out(&cfg, &machine, &command, started, &notes, &rows, None);
     if cfg.wants("4") {
         match &bin {
-            Some(b) => rows.extend(runs(&cfg, b)),
+            Some(b) => rows.extend(runs(&cfg, b, On::Dir)),
             None => rows.push(no_bin("4", "jobspool run -- true")),
         }
     }
     write_out(&cfg, &machine, &command, started, &notes, &rows, None);
     if cfg.wants("5") {
-        rows.extend(backlogs(&cfg));
+        rows.extend(backlogs(&cfg, On::Dir));
     }
     write_out(&cfg, &machine, &command, started, &notes, &rows, None);
     if cfg.wants("6") {
@@ -895,7 +1190,7 @@ fn main() {
     if cfg.wants("7") {
         progress("idle runner");
         match &bin {
-            Some(b) => skip_on_err(&mut rows, "7", "idle runner", idle_rows(&cfg, b)),
+            Some(b) => skip_on_err(&mut rows, "7", "idle runner", idle_rows(&cfg, b, On::Dir)),
             None => rows.push(no_bin("7", "idle runner")),
         }
     }
@@ -903,18 +1198,16 @@ fn main() {
     if cfg.wants("8") {
         progress("push storm");
         match &bin {
-            Some(b) => skip_on_err(&mut rows, "8", "push storm", storm_rows(&cfg, b)),
+            Some(b) => skip_on_err(&mut rows, "8", "push storm", storm_rows(&cfg, b, On::Dir)),
             None => rows.push(no_bin("8", "push storm")),
         }
     }
     write_out(&cfg, &machine, &command, started, &notes, &rows, None);
-    if cfg.wants("9") {
-        if cfg.redis {
-            progress("Redis store");
-            rows.extend(redis_rows(&cfg, &mut notes));
-        } else {
-            rows.push(Row::skipped("9", "Redis store", "not asked for (--redis or --full)"));
-        }
+    if cfg.redis && REDIS_ITEMS.iter().any(|k| redis_wants(&cfg, k)) {
+        progress("Redis store");
+        rows.extend(redis_rows(&cfg, &mut notes));
+    } else if cfg.wants("9") && !cfg.redis {
+        rows.push(Row::skipped("9", "Redis store", "not asked for (--redis or --full)"));
     }
     write_out(&cfg, &machine, &command, started, &notes, &rows, None);
     let peer_table = if cfg.peers && cfg.wants("peers") {

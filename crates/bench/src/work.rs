@@ -254,14 +254,43 @@ pub struct Backlog {
     /// Peak RSS of a `jobspool run` process on the same backlog, kB.
     pub runner_hwm_kb: Option<u64>,
     pub runner_note: String,
+    /// Growth of the server's memory from before the fill to after it, bytes.
+    pub server_bytes: Option<i64>,
+    /// The server's own time per script call (claims and acks) over the timed claims, µs: the
+    /// claim cost without the round trip and the append-only file's fsync.
+    pub server_us_per_call: Option<f64>,
+}
+
+/// The server behind a queue, when there is one (Redis).
+pub trait Server {
+    /// Its memory in bytes, once it is quiet (no background work of its own running).
+    fn memory(&self) -> Option<u64>;
+    /// Starts counting its time per script call afresh.
+    fn reset_stats(&self);
+    /// Its time per script call since [`Server::reset_stats`], µs.
+    fn us_per_script(&self) -> Option<f64>;
 }
 
 /// Claim cost against backlog: `ready` jobs ready, then `k` claims + acks from a fresh handle.
-pub fn backlog(bin: Option<&Path>, dir: &Path, ready: usize, k: usize) -> R<Backlog> {
-    let target = dir.to_string_lossy().into_owned();
+/// `dir` is the queue directory for the directory store (`None`: a Redis queue, whose runner's
+/// first job is seen in the store's counts); `server` is the server behind it, if any.
+pub fn backlog(
+    bin: Option<&Path>,
+    target: &str,
+    dir: Option<&Path>,
+    log: &Path,
+    ready: usize,
+    k: usize,
+    server: Option<&dyn Server>,
+) -> R<Backlog> {
+    let target = target.to_string();
+    let mem0 = server.and_then(|s| s.memory());
     let t = Instant::now();
     fill(&*open(&target)?, ready)?;
     let fill_secs = t.elapsed().as_secs_f64();
+    let server_bytes = mem0
+        .zip(server.and_then(|s| s.memory()))
+        .map(|(a, b)| b as i64 - a as i64);
     // The handle that fills keeps nothing; a fresh one lists the backlog on its first claim.
     let rss0 = procfs::status_kb(std::process::id(), "VmRSS").unwrap_or(0) as i64;
     let store = open(&target)?;
@@ -274,17 +303,39 @@ pub fn backlog(bin: Option<&Path>, dir: &Path, ready: usize, k: usize) -> R<Back
     store.ack(&c.lease).map_err(|e| e.to_string())?;
     let first_claim_secs = t.elapsed().as_secs_f64();
     let k = k.min(ready / 2);
+    if let Some(s) = server {
+        s.reset_stats();
+    }
     let t = Instant::now();
     for _ in 0..k {
         let c = store.claim(lease).map_err(|e| e.to_string())?.ok_or("ran out")?;
         store.ack(&c.lease).map_err(|e| e.to_string())?;
     }
     let rate = k as f64 / t.elapsed().as_secs_f64();
+    let server_us_per_call = server.and_then(|s| s.us_per_script());
     let lib_rss_kb = procfs::status_kb(std::process::id(), "VmRSS").unwrap_or(0) as i64 - rss0;
-    drop(store);
     let (runner_hwm_kb, runner_note) = match bin {
         None => (None, "jobspool binary not found".to_string()),
-        Some(bin) => runner_memory(bin, &target, dir)?,
+        Some(bin) => {
+            let started: Box<dyn Fn() -> bool> = match dir {
+                // Listing ready/ would cost the runner's disk; its first log file is enough.
+                Some(dir) => {
+                    let logs = dir.join("logs");
+                    drop(store);
+                    Box::new(move || {
+                        std::fs::read_dir(&logs)
+                            .map(|mut d| d.next().is_some())
+                            .unwrap_or(false)
+                    })
+                }
+                // Counting the ready set is one ZCARD on Redis.
+                None => {
+                    let before = store.stats().map_err(|e| e.to_string())?.ready;
+                    Box::new(move || store.stats().is_ok_and(|s| s.ready < before))
+                }
+            };
+            runner_memory(bin, &target, log, &*started)?
+        }
     };
     Ok(Backlog {
         ready,
@@ -295,22 +346,19 @@ pub fn backlog(bin: Option<&Path>, dir: &Path, ready: usize, k: usize) -> R<Back
         lib_rss_kb,
         runner_hwm_kb,
         runner_note,
+        server_bytes,
+        server_us_per_call,
     })
 }
 
 /// Starts a runner on the backlog, waits until it has run a job (so it has listed `ready/`),
 /// reads its peak RSS, stops it.
-fn runner_memory(bin: &Path, target: &str, dir: &Path) -> R<(Option<u64>, String)> {
-    let log = dir.with_extension("runner.log");
-    let mut child = spawn_runner(bin, target, 1, &log, &[])?;
-    let logs = dir.join("logs");
+fn runner_memory(bin: &Path, target: &str, log: &Path, started: &dyn Fn() -> bool) -> R<(Option<u64>, String)> {
+    let mut child = spawn_runner(bin, target, 1, log, &[])?;
     let t = Instant::now();
     let mut note = String::new();
     loop {
-        let started = std::fs::read_dir(&logs)
-            .map(|mut d| d.next().is_some())
-            .unwrap_or(false);
-        if started {
+        if started() {
             std::thread::sleep(Duration::from_millis(300));
             break;
         }
@@ -453,16 +501,27 @@ pub struct Idle {
     pub ticks: u64,
     pub processes: usize,
     pub threads: usize,
+    /// Requests the runner sent to its server in the window (`requests` counter), if counted.
+    pub requests: Option<Vec<(String, u64)>>,
 }
 
 /// Idle runner: `jobspool run Q -j 1 -- true` on an empty queue; after `settle`, samples every
 /// 50 ms for `window` the context switches of every thread of the runner and its children.
-pub fn idle(bin: &Path, dir: &Path, settle: Duration, window: Duration) -> R<Idle> {
-    let target = dir.to_string_lossy().into_owned();
-    let store = open(&target)?;
+/// The runner is given `runner_target` (the same queue as `target`, maybe through a counting
+/// proxy, whose `requests` snapshot is taken at both ends of the window).
+pub fn idle(
+    bin: &Path,
+    target: &str,
+    runner_target: &str,
+    log: &Path,
+    settle: Duration,
+    window: Duration,
+    requests: Option<&dyn Fn() -> std::collections::BTreeMap<String, u64>>,
+) -> R<Idle> {
+    let store = open(target)?;
     let lease = store.config().lease;
     drop(store);
-    let mut child = spawn_runner(bin, &target, 1, &dir.with_extension("runner.log"), &[])?;
+    let mut child = spawn_runner(bin, runner_target, 1, log, &[])?;
     std::thread::sleep(settle);
     let pid = child.id();
     let snapshot = || -> std::collections::HashMap<(u32, u32), u64> {
@@ -478,6 +537,7 @@ pub fn idle(bin: &Path, dir: &Path, settle: Duration, window: Duration) -> R<Idl
             .sum::<f64>()
     };
     let cpu0 = cpu();
+    let req0 = requests.map(|f| f());
     let mut prev = snapshot();
     let (processes, threads) = (procfs::family(pid).len(), prev.len());
     let mut switches = 0u64;
@@ -507,6 +567,7 @@ pub fn idle(bin: &Path, dir: &Path, settle: Duration, window: Duration) -> R<Idl
         prev = now;
     }
     let cpu_ms = (cpu() - cpu0) * 1e3;
+    let requests = req0.zip(requests).map(|(a, f)| crate::redis::count_delta(&a, &f()));
     stop(&mut child, Duration::from_secs(40))?;
     let tick = (lease / 3).max(Duration::from_millis(30)).min(Duration::from_secs(10));
     Ok(Idle {
@@ -518,6 +579,7 @@ pub fn idle(bin: &Path, dir: &Path, settle: Duration, window: Duration) -> R<Idl
         ticks: (window.as_secs_f64() / tick.as_secs_f64()).ceil() as u64,
         processes,
         threads,
+        requests,
     })
 }
 
@@ -535,12 +597,22 @@ pub struct Storm {
 }
 
 /// `producers` threads (each with its own store handle) push `n` jobs durably, one per call,
-/// while `jobspool run Q -j 2 -- true` drains. With `trace`, the runner runs under strace
-/// counting only getdents64, to count listings of ready/.
-pub fn storm(bin: &Path, dir: &Path, n: usize, producers: usize, trace: bool) -> R<Storm> {
-    let target = dir.to_string_lossy().into_owned();
+/// while `jobspool run Q -j 2 -- true` drains (given `runner_target`: the same queue, maybe
+/// through a counting proxy). With `strace_out`, the runner runs under strace counting only
+/// getdents64, to count listings of ready/.
+pub fn storm(
+    bin: &Path,
+    target: &str,
+    runner_target: &str,
+    log: &Path,
+    strace_out: Option<&Path>,
+    n: usize,
+    producers: usize,
+) -> R<Storm> {
+    let target = target.to_string();
     let store = open(&target)?;
-    let strace_out = dir.with_extension("strace");
+    let trace = strace_out.is_some();
+    let strace_out = strace_out.map(Path::to_path_buf).unwrap_or_default();
     let wrapper: Vec<String> = if trace {
         vec![
             "strace".into(),
@@ -558,7 +630,7 @@ pub fn storm(bin: &Path, dir: &Path, n: usize, producers: usize, trace: bool) ->
     } else {
         Vec::new()
     };
-    let mut child = spawn_runner(bin, &target, 2, &dir.with_extension("runner.log"), &wrapper)?;
+    let mut child = spawn_runner(bin, runner_target, 2, log, &wrapper)?;
     // The runner's pid: the child itself, or strace's child.
     let runner_pid = if trace {
         let t = Instant::now();

@@ -1,11 +1,12 @@
-//! Redis-only behaviour that the conformance suite cannot reach: answers lost on the wire.
+//! Redis-only behaviour that the conformance suite cannot reach: answers lost on the wire, and
+//! requests held on the wire while other callers of the same handle go on.
 
 mod common;
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
 use std::time::Duration;
 
 use common::redis_server::RedisServer;
@@ -13,9 +14,13 @@ use jobspool::{NewJob, store};
 
 /// A loopback proxy to a Redis server that, when armed, lets the next request through but
 /// swallows its answer and drops the connection: the server acted, the client never hears.
+/// Armed the other way, it holds the next request (says so on `held`) until `release`.
 struct LossyProxy {
     port: u16,
     drop_next_reply: Arc<AtomicBool>,
+    hold_next_request: Arc<AtomicBool>,
+    held: mpsc::Receiver<()>,
+    release: mpsc::Sender<()>,
 }
 
 impl LossyProxy {
@@ -23,14 +28,33 @@ impl LossyProxy {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let drop_next_reply = Arc::new(AtomicBool::new(false));
+        let hold_next_request = Arc::new(AtomicBool::new(false));
+        let (held_tx, held) = mpsc::channel();
+        let (release, release_rx) = mpsc::channel::<()>();
+        let release_rx = Arc::new(Mutex::new(release_rx));
         let armed = Arc::clone(&drop_next_reply);
+        let hold = Arc::clone(&hold_next_request);
         std::thread::spawn(move || {
             for client in listener.incoming() {
                 let Ok(client) = client else { return };
                 let server = TcpStream::connect(("127.0.0.1", upstream)).unwrap();
                 let (mut c_in, mut s_out) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+                let (hold, held_tx, release_rx) = (Arc::clone(&hold), held_tx.clone(), Arc::clone(&release_rx));
                 std::thread::spawn(move || {
-                    let _ = std::io::copy(&mut c_in, &mut s_out);
+                    let mut buf = [0u8; 65536];
+                    loop {
+                        let n = match c_in.read(&mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        if hold.swap(false, Ordering::SeqCst) {
+                            let _ = held_tx.send(());
+                            let _ = release_rx.lock().unwrap().recv();
+                        }
+                        if s_out.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
                     let _ = s_out.shutdown(Shutdown::Write);
                 });
                 let armed = Arc::clone(&armed);
@@ -54,7 +78,13 @@ impl LossyProxy {
                 });
             }
         });
-        LossyProxy { port, drop_next_reply }
+        LossyProxy {
+            port,
+            drop_next_reply,
+            hold_next_request,
+            held,
+            release,
+        }
     }
 }
 
@@ -121,4 +151,50 @@ fn a_push_or_ack_whose_answer_was_lost_is_repeated_and_applied_once_not_reported
     let st = direct.stats().unwrap();
     assert_eq!(st.ready, 1, "pushed exactly once");
     assert_eq!(direct.claim(Duration::from_secs(600)).unwrap().unwrap().job.id, id);
+}
+
+#[test]
+fn a_caller_waiting_for_an_answer_does_not_hold_up_other_callers_of_the_same_handle() {
+    let Some(server) = RedisServer::start() else { return };
+    let direct = store::open(&server.url("pool"), true).unwrap();
+    let proxy = LossyProxy::start(server.port);
+    let shared = store::open(&format!("redis://127.0.0.1:{}/0?queue=pool", proxy.port), false).unwrap();
+    // A first call leaves an idle connection in the handle, which the held claim takes.
+    let pushed = shared.push(&NewJob::new(b"one".to_vec())).unwrap();
+
+    proxy.hold_next_request.store(true, Ordering::SeqCst);
+    let (done_tx, done) = mpsc::channel();
+    let held_claim = {
+        let shared = Arc::clone(&shared);
+        std::thread::spawn(move || {
+            let r = shared.claim(Duration::from_secs(600));
+            let _ = done_tx.send(());
+            r
+        })
+    };
+    proxy.held.recv().unwrap();
+    // The claim is on the wire and cannot be answered until released. Another caller of the
+    // same handle is answered meanwhile: it has a connection of its own. (With one connection
+    // per handle it would wait until the held claim failed on its read timeout, and the check
+    // below would see that claim finished first. No clock is read.)
+    let st = shared.stats().unwrap();
+    assert!(
+        done.try_recv().is_err(),
+        "the second call was answered only after the held one ended: calls on one handle are serialised"
+    );
+    assert_eq!(
+        (st.ready, st.running),
+        (1, 0),
+        "the held claim has not reached the server"
+    );
+
+    proxy.release.send(()).unwrap();
+    let claim = held_claim
+        .join()
+        .unwrap()
+        .unwrap()
+        .expect("the held claim is answered once released");
+    assert_eq!(claim.job.id, pushed);
+    shared.ack(&claim.lease).unwrap();
+    assert!(direct.idle().unwrap().is_idle());
 }

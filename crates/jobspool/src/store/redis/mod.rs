@@ -12,7 +12,7 @@ mod scripts;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use ::redis::{Script, Value};
@@ -40,6 +40,11 @@ const PUSH_CHUNK: usize = 1000;
 
 /// How long a request whose outcome is unknown is repeated before the error is reported.
 const REPEAT_PATIENCE: Duration = Duration::from_secs(20);
+
+/// Most connections one store handle keeps open at once. Each concurrent caller (a runner's
+/// slots, threads sharing a handle) uses its own, so one caller's round trip never waits for
+/// another's; past this many, callers wait for one to be given back.
+const MAX_CONNECTIONS: usize = 16;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const IO_TIMEOUT: Duration = Duration::from_secs(30);
@@ -81,6 +86,34 @@ impl Address {
             queue,
         })
     }
+}
+
+/// Each script's name and its SHA1 digest, the name `EVALSHA` calls it by: for tools that count
+/// what a client sends to the server (the benchmark harness).
+pub fn script_digests() -> Vec<(&'static str, String)> {
+    [
+        ("push", scripts::PUSH),
+        ("claim", scripts::CLAIM),
+        ("reclaim", scripts::RECLAIM),
+        ("heartbeat", scripts::HEARTBEAT),
+        ("ack", scripts::ACK),
+        ("retry", scripts::RETRY),
+        ("bury", scripts::BURY),
+        ("release", scripts::RELEASE),
+        ("quarantine", scripts::QUARANTINE),
+        ("revive", scripts::REVIVE),
+        ("remove", scripts::REMOVE),
+        ("stats", scripts::STATS),
+        ("next_due", scripts::NEXT_DUE),
+        ("log_append", scripts::LOG_APPEND),
+        ("record", scripts::RECORD),
+        ("announce", scripts::ANNOUNCE),
+        ("runners", scripts::RUNNERS),
+        ("forget_runners", scripts::FORGET_RUNNERS),
+    ]
+    .into_iter()
+    .map(|(name, body)| (name, Script::new(&scripts::source(body)).get_hash().to_string()))
+    .collect()
 }
 
 /// True when `target` names a Redis queue rather than a directory.
@@ -141,7 +174,7 @@ struct Inner {
     shown: String,
     client: ::redis::Client,
     prefix: String,
-    conn: Mutex<Option<::redis::Connection>>,
+    conns: Pool,
     scripts: Scripts,
     config: QueueConfig,
 }
@@ -168,19 +201,18 @@ impl Inner {
 
     /// [`Inner::with`], telling apart the failures after which the request may have reached
     /// the server (`true`: its outcome is unknown) from those where it surely did not.
+    ///
+    /// The call has a connection of its own for its duration (see [`Pool`]), so concurrent
+    /// callers on one handle do not wait for each other's round trips.
     fn with_raw<T>(
         &self,
         f: impl FnOnce(&mut ::redis::Connection) -> ::redis::RedisResult<T>,
     ) -> std::result::Result<T, (::redis::RedisError, bool)> {
-        let mut guard = self.conn.lock().unwrap_or_else(|e| e.into_inner());
-        if guard.is_none() {
-            *guard = Some(connect(&self.client).map_err(|e| (e, false))?);
-        }
-        let conn = guard.as_mut().expect("connected above");
-        f(conn).map_err(|e| {
+        let mut lent = self.conns.take(&self.client).map_err(|e| (e, false))?;
+        f(lent.conn()).map_err(|e| {
             let broke = e.is_io_error() || e.is_connection_dropped() || e.is_timeout() || e.is_unrecoverable_error();
             if broke {
-                *guard = None;
+                lent.broke();
             }
             (e, broke)
         })
@@ -222,6 +254,120 @@ impl Inner {
                 }
             }
         }
+    }
+}
+
+/// The connections of one store handle: opened when a caller needs one and none is idle, given
+/// back after each call, at most [`MAX_CONNECTIONS`] open.
+///
+/// A connection that breaks is dropped, and so is every connection opened before it (they are
+/// likely broken by the same outage, a server restart for instance): the next call connects
+/// afresh, as it did when the handle had a single connection. That keeps [`Inner::run_again`]'s
+/// promise that a repeat goes out on a new connection, and means an outage costs one failed
+/// call, not one per idle connection.
+struct Pool {
+    state: Mutex<PoolState>,
+    freed: Condvar,
+}
+
+struct PoolState {
+    /// Connections not in use, with the generation they were opened in.
+    idle: Vec<(u64, ::redis::Connection)>,
+    /// Connections open: idle, lent, or being opened.
+    open: usize,
+    /// Bumped when a connection breaks; connections of earlier generations are not reused.
+    generation: u64,
+}
+
+impl Pool {
+    fn new() -> Pool {
+        Pool {
+            state: Mutex::new(PoolState {
+                idle: Vec::new(),
+                open: 0,
+                generation: 0,
+            }),
+            freed: Condvar::new(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, PoolState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// An idle connection of the current generation, or a new one, waiting while
+    /// [`MAX_CONNECTIONS`] are in use. The connection is made outside the lock.
+    fn take(&self, client: &::redis::Client) -> ::redis::RedisResult<Lent<'_>> {
+        let mut s = self.lock();
+        loop {
+            while let Some((generation, conn)) = s.idle.pop() {
+                if generation == s.generation {
+                    return Ok(Lent {
+                        pool: self,
+                        generation,
+                        conn: Some(conn),
+                        broke: false,
+                    });
+                }
+                s.open -= 1;
+            }
+            if s.open < MAX_CONNECTIONS {
+                s.open += 1;
+                let generation = s.generation;
+                drop(s);
+                return match connect(client) {
+                    Ok(conn) => Ok(Lent {
+                        pool: self,
+                        generation,
+                        conn: Some(conn),
+                        broke: false,
+                    }),
+                    Err(e) => {
+                        self.lock().open -= 1;
+                        self.freed.notify_one();
+                        Err(e)
+                    }
+                };
+            }
+            s = self.freed.wait(s).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+}
+
+/// A connection lent by a [`Pool`] for one call; given back when dropped.
+struct Lent<'a> {
+    pool: &'a Pool,
+    generation: u64,
+    conn: Option<::redis::Connection>,
+    broke: bool,
+}
+
+impl Lent<'_> {
+    fn conn(&mut self) -> &mut ::redis::Connection {
+        self.conn.as_mut().expect("lent until dropped")
+    }
+
+    /// Marks the connection broken: it and every older one are closed instead of reused.
+    fn broke(&mut self) {
+        self.broke = true;
+    }
+}
+
+impl Drop for Lent<'_> {
+    fn drop(&mut self) {
+        let conn = self.conn.take();
+        let mut s = self.pool.lock();
+        // A call that panicked may have left a half-read answer on the connection.
+        let broke = self.broke || std::thread::panicking();
+        if broke && self.generation == s.generation {
+            s.generation += 1;
+        }
+        match conn {
+            Some(c) if !broke && self.generation == s.generation => s.idle.push((self.generation, c)),
+            _ => s.open -= 1,
+        }
+        drop(s);
+        self.pool.freed.notify_one();
     }
 }
 
@@ -314,9 +460,10 @@ pub struct RedisStore {
     reclaim_max: AtomicU32,
     /// Claims taken back by a claim's own reclaim, reported by the next [`Store::reclaim`].
     reclaimed: Mutex<Vec<Reclaimed>>,
-    /// The request id of a claim that failed: the next claim repeats it, so that a claim the
+    /// The request ids of claims that failed: the next claim repeats one, so that a claim the
     /// server made but could not answer is handed over instead of held until its lease expires.
-    unanswered_claim: Mutex<Option<String>>,
+    /// Several, since concurrent callers on one handle can each lose an answer.
+    unanswered_claims: Mutex<Vec<String>>,
 }
 
 impl RedisStore {
@@ -344,7 +491,7 @@ impl RedisStore {
             shown,
             client,
             prefix: format!("{{jobspool:{}}}", addr.queue),
-            conn: Mutex::new(None),
+            conns: Pool::new(),
             scripts: Scripts::new(),
             config: QueueConfig::default(),
         };
@@ -383,7 +530,7 @@ impl RedisStore {
             runner_id: Mutex::new(None),
             reclaim_max: AtomicU32::new(0),
             reclaimed: Mutex::new(Vec::new()),
-            unanswered_claim: Mutex::new(None),
+            unanswered_claims: Mutex::new(Vec::new()),
         })
     }
 
@@ -556,10 +703,10 @@ impl Store for RedisStore {
         let runner = self.my_id();
         loop {
             let request = self
-                .unanswered_claim
+                .unanswered_claims
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .take()
+                .pop()
                 .unwrap_or_else(|| crate::store::dir::name::random_hex(16));
             let reply: Vec<Value> = match self
                 .inner
@@ -567,7 +714,10 @@ impl Store for RedisStore {
             {
                 Ok(r) => r,
                 Err(e) => {
-                    *self.unanswered_claim.lock().unwrap_or_else(|e| e.into_inner()) = Some(request);
+                    self.unanswered_claims
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push(request);
                     return Err(e);
                 }
             };
@@ -937,17 +1087,8 @@ impl Store for RedisStore {
         let get = |name: &str| -> Result<std::result::Result<String, String>> {
             let reply: ::redis::RedisResult<Vec<String>> = self
                 .inner
-                .conn
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .as_mut()
-                .map_or_else(
-                    || {
-                        connect(&self.inner.client)
-                            .and_then(|mut c| ::redis::cmd("CONFIG").arg("GET").arg(name).query(&mut c))
-                    },
-                    |c| ::redis::cmd("CONFIG").arg("GET").arg(name).query(c),
-                );
+                .with_raw(|c| ::redis::cmd("CONFIG").arg("GET").arg(name).query(c))
+                .map_err(|(e, _)| e);
             Ok(match reply {
                 Ok(v) => v
                     .get(1)
