@@ -417,7 +417,10 @@ pub async fn run_async(store: Arc<dyn Store>, opts: RunnerOptions) -> Result<Run
         if let Some(t) = paused_until {
             wake_at = wake_at.min(t);
         }
-        if phase == Phase::Running && handlers < opts.slots {
+        // Waiting for a free slot (or for a job's bookkeeping to end) needs no due time: the
+        // job's task ending wakes the loop.
+        let claiming = phase == Phase::Running && handlers < opts.slots && jobs.len() < 2 * opts.slots;
+        if claiming {
             let s = Arc::clone(&store);
             if let Ok(Some(due)) = blocking(move || s.next_due()).await {
                 let wait = Duration::from_millis(due.saturating_sub(now_ms()));
@@ -428,7 +431,6 @@ pub async fn run_async(store: Arc<dyn Store>, opts: RunnerOptions) -> Result<Run
             Phase::Draining(t) | Phase::Terminating(t) => wake_at = wake_at.min(t.into()),
             _ => {}
         }
-        let claiming = phase == Phase::Running && handlers < opts.slots && jobs.len() < 2 * opts.slots;
         tokio::select! {
             biased;
             Some(sig) = sigs.recv() => {
