@@ -219,8 +219,10 @@ fn kill_9_of_redis_runners_loses_nothing_and_leaves_no_handler_behind() {
     let finished = tally(&done);
     assert_eq!(finished.len(), n, "every job finished");
     let duplicates: usize = tally(&runs).values().map(|c| c - 1).sum();
+    // A runner holds at most two claims per slot: the job its handler runs, and one whose
+    // handler has ended while its outcome is still being recorded. Each kill can repeat those.
     assert!(
-        duplicates <= kills * 3,
+        duplicates <= kills * 2 * 3,
         "{duplicates} duplicate runs for {kills} kills of a 3-slot runner"
     );
     assert_eq!(counts(qs), (0, 0, 0, 0));

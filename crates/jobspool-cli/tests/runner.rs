@@ -282,8 +282,10 @@ fn kill_9_of_the_runner_loses_nothing_and_leaves_no_handler_behind() {
         *starts.entry(id).or_default() += 1;
     }
     let duplicates: usize = starts.values().map(|c| c - 1).sum();
+    // A runner holds at most two claims per slot: the job its handler runs, and one whose
+    // handler has ended while its outcome is still being recorded. Each kill can repeat those.
     assert!(
-        duplicates <= kills * 3,
+        duplicates <= kills * 2 * 3,
         "{duplicates} duplicate runs for {kills} kills of a 3-slot runner"
     );
     let s = stats(&q);
