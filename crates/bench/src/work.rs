@@ -699,7 +699,14 @@ pub fn storm(
             nix::unistd::Pid::from_raw(runner_pid as i32),
             nix::sys::signal::Signal::SIGTERM,
         );
-        wait_for(&mut child, Duration::from_secs(40))?;
+        if let Err(e) = wait_for(&mut child, Duration::from_secs(40)) {
+            // Killing strace detaches the runner, which would go on running: kill it too.
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(runner_pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            return Err(e);
+        }
     } else {
         stop(&mut child, Duration::from_secs(40))?;
     }
