@@ -9,18 +9,11 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{FaultFs, names};
+use common::{FaultFs, names, queue};
 use jobspool::store::dir::DirStore;
 use jobspool::{Error, JobId, NewJob, State, Store};
 
 const LEASE: Duration = Duration::from_secs(30);
-
-fn queue() -> (tempfile::TempDir, std::path::PathBuf) {
-    let dir = tempfile::tempdir().unwrap();
-    let q = dir.path().join("q");
-    jobspool::store::dir::init(&q, &Default::default()).unwrap();
-    (dir, q)
-}
 
 fn faulty(q: &Path, fs: FaultFs) -> (Arc<FaultFs>, DirStore) {
     let fs = Arc::new(fs);

@@ -14,20 +14,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
-use common::{FaultFs, names};
+use common::{FaultFs, names, queue};
 use jobspool::store::dir::DirStore;
 use jobspool::store::dir::fs::{Dir, Fs, Kind};
 use jobspool::store::dir::name::QueuedName;
 use jobspool::{Error, JobId, NewJob, Store};
 
 const LEASE: Duration = Duration::from_secs(30);
-
-fn queue() -> (tempfile::TempDir, std::path::PathBuf) {
-    let dir = tempfile::tempdir().unwrap();
-    let q = dir.path().join("q");
-    jobspool::store::dir::init(&q, &Default::default()).unwrap();
-    (dir, q)
-}
 
 /// A [`FaultFs`] whose first directory sync can be held until the test lets it go, or whose
 /// directory syncs can all be made slow (a slow disk, so that pushes overlap).
@@ -161,6 +154,16 @@ fn push_a_group(
 
 fn with_id(id: &str) -> NewJob {
     NewJob::new(id.as_bytes().to_vec()).id(JobId::new(id).unwrap())
+}
+
+/// [`assert_nothing_left_but`] the pushes of `out` that succeeded.
+fn assert_only_successes_left(q: &Path, out: &[jobspool::Result<JobId>]) {
+    let ok: Vec<String> = out
+        .iter()
+        .filter_map(|r| r.as_ref().ok().map(|id| id.to_string()))
+        .collect();
+    let ok: Vec<&str> = ok.iter().map(String::as_str).collect();
+    assert_nothing_left_but(q, &ok);
 }
 
 fn assert_nothing_left_but(q: &Path, ids: &[&str]) {
@@ -347,12 +350,7 @@ fn a_failed_file_fsync_fails_only_that_push_and_the_rest_still_group() {
     assert_eq!(failed.len(), 1, "{out:?}");
     let e = out[failed[0]].as_ref().unwrap_err();
     assert!(e.to_string().contains("syncing the job file"), "{e}");
-    let ok: Vec<String> = out
-        .iter()
-        .filter_map(|r| r.as_ref().ok().map(|id| id.to_string()))
-        .collect();
-    let ok: Vec<&str> = ok.iter().map(String::as_str).collect();
-    assert_nothing_left_but(&q, &ok);
+    assert_only_successes_left(&q, &out);
     assert_eq!(fs.count("sync_dir"), 2, "the three others shared one directory flush");
 }
 
@@ -368,12 +366,7 @@ fn a_failed_rename_in_a_group_fails_only_that_push() {
     assert_eq!(failed.len(), 1, "{out:?}");
     let e = out[failed[0]].as_ref().unwrap_err();
     assert!(e.to_string().contains("moving the job into ready/"), "{e}");
-    let ok: Vec<String> = out
-        .iter()
-        .filter_map(|r| r.as_ref().ok().map(|id| id.to_string()))
-        .collect();
-    let ok: Vec<&str> = ok.iter().map(String::as_str).collect();
-    assert_nothing_left_but(&q, &ok);
+    assert_only_successes_left(&q, &out);
     // One directory flush for the group's three renames that worked.
     assert_eq!(fs.count("sync_dir"), 2);
 }

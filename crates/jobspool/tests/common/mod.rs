@@ -119,6 +119,14 @@ impl Fs for FaultFs {
     }
 }
 
+/// A fresh queue directory with default settings, inside a temporary directory.
+pub fn queue() -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let q = dir.path().join("q");
+    jobspool::store::dir::init(&q, &Default::default()).unwrap();
+    (dir, q)
+}
+
 /// Names in a queue folder.
 pub fn names(root: &std::path::Path, folder: &str) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(root.join(folder))
