@@ -256,11 +256,8 @@ impl Handler {
         drop(stack);
         let step = child.failed.load(Ordering::Acquire);
         if step != 0 {
-            // The child exited instead of exec'ing: withdraw its registration, reap it.
-            if let Some(fd) = spec.guardian {
-                super::reaper::send_raw(fd, b'-', pid as u32);
-            }
-            let _ = wait(pid);
+            // The child exited instead of exec'ing.
+            withdraw(pid, spec.guardian);
             let errno = io::Error::from_raw_os_error(child.errno.load(Ordering::Relaxed));
             return Err(match step {
                 STEP_EXEC => errno,
@@ -278,10 +275,7 @@ impl Handler {
             Ok(pidfd) => Ok(Handler { pid: Some(pid), pidfd }),
             Err(e) => {
                 let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
-                if let Some(fd) = spec.guardian {
-                    super::reaper::send_raw(fd, b'-', pid as u32);
-                }
-                let _ = wait(pid);
+                withdraw(pid, spec.guardian);
                 Err(e)
             }
         }
@@ -318,22 +312,29 @@ impl Handler {
     /// Once [`Handler::exited`] resolved, this reaps it at once, on the caller's thread.
     pub fn try_reap(mut self) -> Result<io::Result<ExitStatus>, Handler> {
         self.signal_group(Signal::SIGKILL);
-        let pid = self.pid.expect("reaped once");
-        let mut status = 0;
-        // SAFETY: polls our own child, writing its status into a local.
-        match unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) } {
-            0 => Err(self),
-            n if n < 0 => {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::Interrupted {
-                    return Err(self);
-                }
+        match waitpid(self.pid.expect("reaped once"), libc::WNOHANG) {
+            Ok(None) => Err(self),
+            reaped => {
                 self.pid = None;
-                Ok(Err(e))
+                Ok(reaped.and_then(|status| status.ok_or_else(|| io::Error::other("no status"))))
             }
+        }
+    }
+}
+
+/// `waitpid` on our own child, retried when interrupted; `None` when `WNOHANG` found it running.
+fn waitpid(pid: libc::pid_t, flags: libc::c_int) -> io::Result<Option<ExitStatus>> {
+    let mut status = 0;
+    loop {
+        // SAFETY: waits for our own child, writing its status into a local.
+        match unsafe { libc::waitpid(pid, &mut status, flags) } {
+            0 => return Ok(None),
+            n if n > 0 => return Ok(Some(ExitStatus::from_raw(status))),
             _ => {
-                self.pid = None;
-                Ok(Ok(ExitStatus::from_raw(status)))
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
             }
         }
     }
@@ -341,17 +342,16 @@ impl Handler {
 
 /// Waits for a child and returns its status.
 fn wait(pid: libc::pid_t) -> io::Result<ExitStatus> {
-    let mut status = 0;
-    loop {
-        // SAFETY: waits for our own child, writing its status into a local.
-        if unsafe { libc::waitpid(pid, &mut status, 0) } >= 0 {
-            return Ok(ExitStatus::from_raw(status));
-        }
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
-        }
+    waitpid(pid, 0)?.ok_or_else(|| io::Error::other("waitpid returned no status"))
+}
+
+/// Takes back a handler that will not be supervised (its exec failed, or it cannot be watched):
+/// withdraws its group from the guardian and reaps it.
+fn withdraw(pid: libc::pid_t, guardian: Option<RawFd>) {
+    if let Some(fd) = guardian {
+        super::reaper::send_raw(fd, b'-', pid as u32);
     }
+    let _ = wait(pid);
 }
 
 impl Drop for Handler {

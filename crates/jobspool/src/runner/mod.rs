@@ -168,6 +168,13 @@ struct Settings {
     kill_after: Duration,
 }
 
+impl Settings {
+    /// The attempts a job gets: its own limit, else the runner's; at least one.
+    fn max_attempts(&self, job: &Job) -> u32 {
+        job.max_attempts.unwrap_or(self.max_attempts).max(1)
+    }
+}
+
 struct Shared {
     store: Arc<dyn Store>,
     reaper: Mutex<reaper::Reaper>,
@@ -352,6 +359,7 @@ pub async fn run_async(store: Arc<dyn Store>, opts: RunnerOptions) -> Result<Run
     // `2 × slots` tasks.
     let (slot_tx, mut slot_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
     let mut handlers = 0usize;
+    let can_claim = |handlers: usize, tasks: usize| handlers < opts.slots && tasks < 2 * opts.slots;
     let mut running: HashMap<tokio::task::Id, (JobId, u32, Instant)> = HashMap::new();
     let mut report = RunReport::default();
     let mut phase = Phase::Running;
@@ -373,7 +381,7 @@ pub async fn run_async(store: Arc<dyn Store>, opts: RunnerOptions) -> Result<Run
         }
         // Claim while there are free slots.
         if phase == Phase::Running && paused_until.is_none() {
-            while handlers < opts.slots && jobs.len() < 2 * opts.slots {
+            while can_claim(handlers, jobs.len()) {
                 let sh = Arc::clone(&shared);
                 // One trip to a blocking thread claims the job and opens its attempt's log.
                 let claimed = blocking(move || -> Result<Option<(Claim, Opened)>> {
@@ -419,7 +427,7 @@ pub async fn run_async(store: Arc<dyn Store>, opts: RunnerOptions) -> Result<Run
         }
         // Waiting for a free slot (or for a job's bookkeeping to end) needs no due time: the
         // job's task ending wakes the loop.
-        let claiming = phase == Phase::Running && handlers < opts.slots && jobs.len() < 2 * opts.slots;
+        let claiming = phase == Phase::Running && can_claim(handlers, jobs.len());
         if claiming {
             let s = Arc::clone(&store);
             if let Ok(Some(due)) = blocking(move || s.next_due()).await {
@@ -690,7 +698,7 @@ type Opened = Result<(Box<dyn JobLog>, u64)>;
 /// Opens the claimed job's log, writes the attempt's header and records its start.
 fn open_attempt(sh: &Shared, claim: &Claim) -> Opened {
     let (id, attempt) = (&claim.lease.id, claim.lease.attempt);
-    let max_attempts = claim.job.max_attempts.unwrap_or(sh.settings.max_attempts).max(1);
+    let max_attempts = sh.settings.max_attempts(&claim.job);
     let header = format!(
         "=== jobspool: attempt {attempt} of {max_attempts} · {} · runner {} on {} pid {} ===\n",
         format_ms(now_ms()),
@@ -730,7 +738,7 @@ async fn run_job(sh: Arc<Shared>, claim: Claim, opened: Opened, mut slot: Slot, 
     let Claim { job, lease } = claim;
     let id = lease.id.clone();
     let attempt = lease.attempt;
-    let max_attempts = job.max_attempts.unwrap_or(sh.settings.max_attempts).max(1);
+    let max_attempts = sh.settings.max_attempts(&job);
     let timeout = job.timeout.unwrap_or(sh.settings.timeout);
 
     // Decide what runs.

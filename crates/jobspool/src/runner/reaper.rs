@@ -107,9 +107,9 @@ fn guard(read: OwnedFd) -> ! {
         // Hold nothing of the runner's: its lock on runners/ must go when it dies. Two
         // close_range calls instead of 65 536 closes (which cost every runner start ~30 ms);
         // the loop stays for kernels older than 5.9.
-        let below = fd > 0 && libc::syscall(libc::SYS_close_range, 0u32, (fd - 1) as u32, 0u32) == 0;
+        let below = fd == 0 || libc::syscall(libc::SYS_close_range, 0u32, (fd - 1) as u32, 0u32) == 0;
         let above = libc::syscall(libc::SYS_close_range, (fd + 1) as u32, u32::MAX, 0u32) == 0;
-        if !(below || fd == 0) || !above {
+        if !below || !above {
             for other in 0..65536 {
                 if other != fd {
                     libc::close(other);
