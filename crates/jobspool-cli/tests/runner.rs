@@ -885,3 +885,41 @@ fn kill_9_while_handlers_are_being_started_leaves_no_grandchild_behind() {
         });
     }
 }
+
+/// While its slots run short jobs a runner claims one job ahead. That job must not wait behind
+/// a long one that comes next: it goes back to ready unstarted and uncounted, once (not claimed
+/// and given back over and over while the long job runs), and then runs as attempt 1.
+#[test]
+fn a_job_claimed_ahead_behind_a_long_one_goes_back_once_unstarted_and_uncounted() {
+    let (_d, q) = queue();
+    let qs = q_str(&q);
+    push(&q, &["--id", "short", "--payload", "0"]);
+    push(&q, &["--id", "long", "--payload", "3"]);
+    push(&q, &["--id", "next", "--payload", "0"]);
+    let mut r = spawn(&["run", qs, "-j", "1", "--drain", "--", "sh", "-c", "sleep \"$(cat)\""]);
+    wait_for("the long job to run", LONG, || {
+        !processes_with_env("JOBSPOOL_JOB_ID=long").is_empty()
+    });
+    wait_for("the job claimed ahead to be back in ready", LONG, || {
+        count(&q, "ready") == 1
+    });
+    assert!(
+        !processes_with_env("JOBSPOOL_JOB_ID=long").is_empty(),
+        "the long job ended before the job behind it was given back"
+    );
+    assert_eq!(wait_exit(&mut r, LONG).and_then(|s| s.code()), Some(0));
+    let shown = stdout(&run(&["show", qs, "next"]));
+    assert_eq!(shown.matches("given back unstarted").count(), 1, "{shown}");
+    // History lines read: time, event, "attempt", number, ...
+    let events: Vec<(&str, &str)> = shown
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .filter(|w| w.len() >= 4 && w[2] == "attempt")
+        .map(|w| (w[1], w[3]))
+        .collect();
+    assert_eq!(
+        events.iter().filter(|e| e.0 == "done").collect::<Vec<_>>(),
+        [&("done", "1")],
+        "{shown}"
+    );
+}

@@ -54,6 +54,13 @@ const GC_EVERY: Duration = Duration::from_secs(3600);
 /// How long the runner waits after a store error before claiming again.
 const ERROR_PAUSE: Duration = Duration::from_secs(1);
 
+/// How long a job claimed ahead (while every slot was busy) is held for a slot to come free
+/// before it is given back, unstarted and not counted as an attempt. Claiming ahead takes the
+/// claim and the opening of the job's log off the path from one handler's end to the next
+/// one's start; the bound keeps a runner busy with long jobs from sitting on work another
+/// runner could start. Jobs are claimed ahead only after a handler ran shorter than this.
+const AHEAD_HOLD: Duration = Duration::from_millis(100);
+
 /// A handler function's failure.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum HandlerError {
@@ -151,7 +158,8 @@ pub struct RunReport {
     pub retried: u64,
     /// Jobs that went dead.
     pub dead: u64,
-    /// Jobs given back at shutdown.
+    /// Jobs given back unfinished, their attempt not counted: at shutdown, or claimed ahead
+    /// and not started in time.
     pub released: u64,
     /// Attempts abandoned because their lease was lost.
     pub lease_lost: u64,
@@ -357,9 +365,15 @@ pub async fn run_async(store: Arc<dyn Store>, opts: RunnerOptions) -> Result<Run
     // bookkeeping that records the outcome (log trailer, ack, history), which runs beside the
     // next job's handler instead of delaying it: at most one such tail per slot, so at most
     // `2 × slots` tasks.
-    let (slot_tx, mut slot_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let (slot_tx, mut slot_rx) = tokio::sync::mpsc::unbounded_channel::<Duration>();
     let mut handlers = 0usize;
     let can_claim = |handlers: usize, tasks: usize| handlers < opts.slots && tasks < 2 * opts.slots;
+    // While every slot is busy with short jobs, one job is claimed ahead (within the same
+    // `2 × slots` claims), to start the moment a slot frees; given back if none frees in time.
+    let mut ahead: Option<Ahead> = None;
+    let hold = AHEAD_HOLD.min(shared.settings.lease / 4);
+    // How long the last handler to end ran, and whether the last claim found a job.
+    let (mut last_ran, mut found_more) = (Duration::MAX, false);
     let mut running: HashMap<tokio::task::Id, (JobId, u32, Instant)> = HashMap::new();
     let mut report = RunReport::default();
     let mut phase = Phase::Running;
@@ -382,22 +396,20 @@ pub async fn run_async(store: Arc<dyn Store>, opts: RunnerOptions) -> Result<Run
         // Claim while there are free slots.
         if phase == Phase::Running && paused_until.is_none() {
             while can_claim(handlers, jobs.len()) {
-                let sh = Arc::clone(&shared);
-                // One trip to a blocking thread claims the job and opens its attempt's log.
-                let claimed = blocking(move || -> Result<Option<(Claim, Opened)>> {
-                    let Some(claim) = sh.store.claim(sh.settings.lease)? else {
-                        return Ok(None);
-                    };
-                    let opened = open_attempt(&sh, &claim);
-                    Ok(Some((claim, opened)))
-                });
-                match claimed.await {
+                let claimed = match ahead.take() {
+                    Some(Ahead::Held(claim, opened, _)) => Ok(Some((claim, opened))),
+                    Some(Ahead::Claiming(mut task)) => joined(&mut task).await,
+                    None => claim_next(&shared).await,
+                };
+                found_more = matches!(claimed, Ok(Some(_)));
+                match claimed {
                     Ok(Some((claim, opened))) => {
                         let attempt = claim.lease.attempt;
                         let id = claim.lease.id.clone();
                         let slot = Slot(Some(slot_tx.clone()));
                         handlers += 1;
-                        let handle = jobs.spawn(run_job(Arc::clone(&shared), claim, opened, slot, stop_rx.clone()));
+                        let handle =
+                            jobs.spawn(run_job(Arc::clone(&shared), claim, opened, Some(slot), stop_rx.clone()));
                         running.insert(handle.id(), (id, attempt, Instant::now()));
                     }
                     Ok(None) => break,
@@ -408,6 +420,17 @@ pub async fn run_async(store: Arc<dyn Store>, opts: RunnerOptions) -> Result<Run
                     }
                 }
             }
+            if found_more
+                && ahead.is_none()
+                && paused_until.is_none()
+                && handlers == opts.slots
+                && jobs.len() < 2 * opts.slots
+                && last_ran < hold
+            {
+                // Claimed on a blocking thread while this loop goes on watching the handlers.
+                let sh = Arc::clone(&shared);
+                ahead = Some(Ahead::Claiming(tokio::spawn(async move { claim_next(&sh).await })));
+            }
             if opts.drain && jobs.is_empty() && paused_until.is_none() {
                 let s = Arc::clone(&store);
                 match blocking(move || s.idle()).await {
@@ -416,7 +439,7 @@ pub async fn run_async(store: Arc<dyn Store>, opts: RunnerOptions) -> Result<Run
                     Err(e) => tracing::warn!("completion check failed: {e}"),
                 }
             }
-        } else if phase != Phase::Running && jobs.is_empty() {
+        } else if phase != Phase::Running && jobs.is_empty() && ahead.is_none() {
             break;
         }
 
@@ -439,12 +462,18 @@ pub async fn run_async(store: Arc<dyn Store>, opts: RunnerOptions) -> Result<Run
             Phase::Draining(t) | Phase::Terminating(t) => wake_at = wake_at.min(t.into()),
             _ => {}
         }
+        if let Some(Ahead::Held(_, _, until)) = &ahead {
+            wake_at = wake_at.min(*until);
+        }
         tokio::select! {
             biased;
             Some(sig) = sigs.recv() => {
                 phase = on_signal(sig, phase, &opts, &stop_tx, &running, &report, jobs.len());
             }
-            Some(()) = slot_rx.recv() => handlers -= 1,
+            Some(ran) = slot_rx.recv() => {
+                handlers -= 1;
+                last_ran = ran;
+            }
             Some(joined) = jobs.join_next_with_id(), if !jobs.is_empty() => {
                 let end = match joined {
                     Ok((task, end)) => {
@@ -457,6 +486,25 @@ pub async fn run_async(store: Arc<dyn Store>, opts: RunnerOptions) -> Result<Run
                 progress.show(&report, handlers, opts.slots, false);
             }
             _ = work.notified(), if claiming => {}
+            claimed = async {
+                match &mut ahead {
+                    Some(Ahead::Claiming(task)) => joined(task).await,
+                    _ => std::future::pending().await,
+                }
+            }, if matches!(ahead, Some(Ahead::Claiming(_))) => {
+                ahead = match claimed {
+                    Ok(Some((claim, opened))) => Some(Ahead::Held(claim, opened, tokio::time::Instant::now() + hold)),
+                    Ok(None) => {
+                        found_more = false;
+                        None
+                    }
+                    Err(e) => {
+                        tracing::error!("claiming failed: {e}; trying again in {}", format_duration(ERROR_PAUSE));
+                        paused_until = Some(tokio::time::Instant::now() + ERROR_PAUSE);
+                        None
+                    }
+                };
+            }
             _ = runner_exited.notified() => {
                 reclaim(&shared, &mut report).await;
             }
@@ -484,6 +532,22 @@ pub async fn run_async(store: Arc<dyn Store>, opts: RunnerOptions) -> Result<Run
             progress.show(&report, handlers, opts.slots, true);
         }
         phase = escalate(phase, &stop_tx, &shared.settings, jobs.len());
+        // The job claimed ahead goes back when no slot came free in time (one that just did
+        // takes it at the top of the loop), or at shutdown.
+        let usable = handlers < opts.slots && paused_until.is_none();
+        let expired = |until: &tokio::time::Instant| *until <= tokio::time::Instant::now() && !usable;
+        let give_back = match &ahead {
+            Some(Ahead::Held(_, _, until)) => phase != Phase::Running || expired(until),
+            _ => false,
+        };
+        if give_back {
+            let Some(Ahead::Held(claim, opened, _)) = ahead.take() else {
+                unreachable!("checked above")
+            };
+            jobs.spawn(run_job(Arc::clone(&shared), claim, opened, None, stop_rx.clone()));
+            // No claiming ahead again until a handler ends and shows the jobs are short.
+            last_ran = Duration::MAX;
+        }
     }
 
     drop(watch_guard);
@@ -610,7 +674,7 @@ fn account(end: &JobEnd, report: &mut RunReport) {
         }
         Decision::Release => {
             report.released += 1;
-            tracing::info!(job = %end.id, attempt = end.attempt, "released back to ready (shutdown)");
+            tracing::info!(job = %end.id, attempt = end.attempt, "released back to ready: {}", end.ended.describe());
         }
         Decision::Abandon => {
             report.lease_lost += 1;
@@ -695,6 +759,37 @@ fn tail(bytes: &[u8], lines: usize, max: usize) -> String {
 /// A claimed job's log, opened with the attempt's header written, and where that header starts.
 type Opened = Result<(Box<dyn JobLog>, u64)>;
 
+/// The job claimed ahead of a free slot: being claimed, or held until a deadline.
+// One per runner at most: boxing the larger variant would save nothing.
+#[allow(clippy::large_enum_variant)]
+enum Ahead {
+    Claiming(tokio::task::JoinHandle<Result<Option<(Claim, Opened)>>>),
+    Held(Claim, Opened, tokio::time::Instant),
+}
+
+/// The result of an ahead claim's task (whose panic is the runner's).
+async fn joined(
+    task: &mut tokio::task::JoinHandle<Result<Option<(Claim, Opened)>>>,
+) -> Result<Option<(Claim, Opened)>> {
+    match task.await {
+        Ok(v) => v,
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
+    }
+}
+
+/// Claims a job and opens its attempt's log, in one trip to a blocking thread.
+async fn claim_next(sh: &Arc<Shared>) -> Result<Option<(Claim, Opened)>> {
+    let sh = Arc::clone(sh);
+    blocking(move || {
+        let Some(claim) = sh.store.claim(sh.settings.lease)? else {
+            return Ok(None);
+        };
+        let opened = open_attempt(&sh, &claim);
+        Ok(Some((claim, opened)))
+    })
+    .await
+}
+
 /// Opens the claimed job's log, writes the attempt's header and records its start.
 fn open_attempt(sh: &Shared, claim: &Claim) -> Opened {
     let (id, attempt) = (&claim.lease.id, claim.lease.attempt);
@@ -715,25 +810,34 @@ fn open_attempt(sh: &Shared, claim: &Claim) -> Opened {
     Ok((log, start))
 }
 
-/// A busy slot, given back to the main loop (once) when its handler has ended, or when the job's
-/// task ends or unwinds without one.
-struct Slot(Option<tokio::sync::mpsc::UnboundedSender<()>>);
+/// A busy slot, given back to the main loop (once) when its handler has ended, with how long
+/// the handler ran, or when the job's task ends or unwinds without one.
+struct Slot(Option<tokio::sync::mpsc::UnboundedSender<Duration>>);
 
 impl Slot {
-    fn free(&mut self) {
+    fn free(&mut self, ran: Duration) {
         if let Some(tx) = self.0.take() {
-            let _ = tx.send(());
+            let _ = tx.send(ran);
         }
     }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.free();
+        self.free(Duration::MAX);
     }
 }
 
-async fn run_job(sh: Arc<Shared>, claim: Claim, opened: Opened, mut slot: Slot, stop: watch::Receiver<Stop>) -> JobEnd {
+/// Runs a claimed job's attempt in `slot` and records its outcome. Without a slot, the job was
+/// claimed ahead and no slot came free in time: it is given back unstarted, its attempt not
+/// counted.
+async fn run_job(
+    sh: Arc<Shared>,
+    claim: Claim,
+    opened: Opened,
+    mut slot: Option<Slot>,
+    stop: watch::Receiver<Stop>,
+) -> JobEnd {
     let started = Instant::now();
     let Claim { job, lease } = claim;
     let id = lease.id.clone();
@@ -772,6 +876,7 @@ async fn run_job(sh: Arc<Shared>, claim: Claim, opened: Opened, mut slot: Slot, 
     };
 
     let ended = match program {
+        _ if slot.is_none() => Ended::GivenBack,
         Err(why) => Ended::Refused(why),
         Ok(Some(argv)) => {
             let (ended, back) = supervise_command(&sh, &lease, job, argv, log, timeout, stop, max_attempts).await;
@@ -781,7 +886,9 @@ async fn run_job(sh: Arc<Shared>, claim: Claim, opened: Opened, mut slot: Slot, 
         Ok(None) => supervise_function(&sh, &lease, job, timeout, stop).await,
     };
     let took = started.elapsed();
-    slot.free();
+    if let Some(slot) = slot.as_mut() {
+        slot.free(took);
+    }
 
     // Trailer, last output, decision, transition, history.
     let trailer = format!(
@@ -797,7 +904,7 @@ async fn run_job(sh: Arc<Shared>, claim: Claim, opened: Opened, mut slot: Slot, 
         let _ = log.append(trailer.as_bytes());
         drop(log);
         let output = match &ended {
-            Ended::Exit(0) | Ended::Stopped | Ended::LeaseLost => String::new(),
+            Ended::Exit(0) | Ended::Stopped | Ended::GivenBack | Ended::LeaseLost => String::new(),
             _ => s
                 .read_log(&lease.id, log_start)
                 .ok()

@@ -7,6 +7,7 @@
 //! | exit 100 | dead now (permanent failure) |
 //! | any other exit, a signal, the timeout, a failure to start | retried after backoff; dead when attempts are exhausted |
 //! | the runner stopped it while shutting down | released: back to ready, attempt not counted |
+//! | claimed ahead, and no slot came free in time | released: back to ready, attempt not counted |
 //! | its lease was lost | nothing: the job belongs to another claimer now |
 
 use std::time::Duration;
@@ -33,6 +34,9 @@ pub enum Ended {
     Failed(String),
     /// The runner stopped the handler because it is shutting down.
     Stopped,
+    /// The job was claimed ahead of a free slot and given back unstarted: no slot came free
+    /// in time, or the runner began shutting down.
+    GivenBack,
     /// The lease was lost while the handler ran; it was stopped.
     LeaseLost,
     /// The job carries its own command and the runner does not allow that, or there is no
@@ -53,6 +57,7 @@ impl Ended {
             Ended::SpawnFailed(e) => format!("could not start the handler: {e}"),
             Ended::Failed(e) => format!("failed: {e}"),
             Ended::Stopped => "stopped by the runner's shutdown".into(),
+            Ended::GivenBack => "claimed ahead of a free slot and given back unstarted".into(),
             Ended::LeaseLost => "lease lost".into(),
             Ended::Refused(why) => why.clone(),
         }
@@ -94,7 +99,7 @@ pub fn decide(ended: &Ended, attempt: u32, max_attempts: u32, backoff: &Backoff,
     };
     match ended {
         Ended::Exit(0) => Decision::Ack,
-        Ended::Stopped => Decision::Release,
+        Ended::Stopped | Ended::GivenBack => Decision::Release,
         Ended::LeaseLost => Decision::Abandon,
         Ended::Exit(EXIT_PERMANENT) | Ended::Refused(_) => Decision::Bury {
             reason: with_output(format!("{} on attempt {attempt}", ended.describe())),
@@ -140,6 +145,7 @@ mod tests {
             Decision::Retry { .. }
         ));
         assert_eq!(decide(&Ended::Stopped, 1, 3, &b(), ""), Decision::Release);
+        assert_eq!(decide(&Ended::GivenBack, 1, 3, &b(), ""), Decision::Release);
         assert_eq!(decide(&Ended::LeaseLost, 3, 3, &b(), ""), Decision::Abandon);
         match decide(&Ended::Exit(100), 1, 3, &b(), "boom\n") {
             Decision::Bury { reason } => {
