@@ -25,6 +25,7 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::process::ExitStatusExt;
+use std::path::Path;
 use std::process::ExitStatus;
 use std::sync::atomic::{AtomicI32, Ordering};
 
@@ -42,7 +43,10 @@ pub struct Handler {
 
 /// What to give a handler.
 pub struct Spawn<'a> {
-    /// Program and arguments; a program without a `/` is looked up in `PATH`.
+    /// Where the program is, when the caller has looked it up already; else `argv[0]`, looked
+    /// up in `PATH` when it has no `/`.
+    pub program: Option<&'a Path>,
+    /// Program and arguments.
     pub argv: &'a [OsString],
     /// Extra environment variables, on top of the runner's own.
     pub env: &'a [(&'static str, String)],
@@ -186,7 +190,7 @@ impl Handler {
         let Some(first) = spec.argv.first() else {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "no program to run"));
         };
-        let program = cstring(first)?;
+        let program = cstring(spec.program.map_or(first.as_os_str(), Path::as_os_str))?;
         let args = spec.argv.iter().map(|a| cstring(a)).collect::<io::Result<Vec<_>>>()?;
         let env: Vec<CString> = spec
             .env
@@ -387,6 +391,7 @@ mod tests {
     fn spawn(argv: &[&str], guardian: RawFd) -> io::Result<Handler> {
         let argv: Vec<OsString> = argv.iter().map(OsString::from).collect();
         Handler::spawn(Spawn {
+            program: None,
             argv: &argv,
             env: &[],
             stdin: None,

@@ -29,6 +29,7 @@ use std::collections::HashMap;
 use std::ffi::OsString;
 use std::io::{IsTerminal, Write};
 use std::os::fd::OwnedFd;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -188,6 +189,8 @@ struct Shared {
     reaper: Mutex<reaper::Reaper>,
     settings: Settings,
     handler: Handler,
+    /// Where the handler command's program is, found when the runner started.
+    handler_path: Option<PathBuf>,
     allow_job_commands: bool,
     runner_id: String,
     host: String,
@@ -220,19 +223,18 @@ struct JobEnd {
     error: Option<Error>,
 }
 
-/// Whether `program` names an executable file, directly or through `PATH`.
-fn is_executable(program: &std::ffi::OsStr) -> bool {
+/// The executable file `program` names, directly or through `PATH`.
+fn find_program(program: &std::ffi::OsStr) -> Option<PathBuf> {
     use nix::unistd::{AccessFlags, access};
-    let path = std::path::Path::new(program);
+    let runnable = |p: &std::path::Path| p.is_file() && access(p, AccessFlags::X_OK).is_ok();
     if program.as_encoded_bytes().contains(&b'/') {
-        return path.is_file() && access(path, AccessFlags::X_OK).is_ok();
+        let path = PathBuf::from(program);
+        return runnable(&path).then_some(path);
     }
-    std::env::var_os("PATH").is_some_and(|paths| {
-        std::env::split_paths(&paths).any(|dir| {
-            let candidate = dir.join(program);
-            candidate.is_file() && access(&candidate, AccessFlags::X_OK).is_ok()
-        })
-    })
+    let paths = std::env::var_os("PATH")?;
+    std::env::split_paths(&paths)
+        .map(|dir| dir.join(program))
+        .find(|candidate| runnable(candidate))
 }
 
 /// Runs a blocking store call off the async thread.
@@ -268,14 +270,16 @@ pub async fn run_async(store: Arc<dyn Store>, opts: RunnerOptions) -> Result<Run
             "no handler: give a command after --, or --allow-job-commands".into(),
         ));
     }
-    if let Handler::Command(argv) = &opts.handler {
-        if !is_executable(&argv[0]) {
-            return Err(Error::Invalid(format!(
+    // The handler is looked up in PATH once, here, rather than by every job's exec.
+    let handler_path = match &opts.handler {
+        Handler::Command(argv) => Some(find_program(&argv[0]).ok_or_else(|| {
+            Error::Invalid(format!(
                 "handler {:?} is not an executable file or a program on PATH; give the full path of the program to run for each job",
                 argv[0]
-            )));
-        }
-    }
+            ))
+        })?),
+        _ => None,
+    };
     if matches!(opts.handler, Handler::JobCommands) && !opts.allow_job_commands {
         return Err(Error::Invalid(
             "no handler: give a command after --, or --allow-job-commands to run the jobs' own commands".into(),
@@ -328,6 +332,7 @@ pub async fn run_async(store: Arc<dyn Store>, opts: RunnerOptions) -> Result<Run
         reaper: Mutex::new(guardian),
         settings,
         handler: opts.handler.clone(),
+        handler_path,
         allow_job_commands: opts.allow_job_commands,
         runner_id: runner_id.clone(),
         host: status.host.clone(),
@@ -845,13 +850,14 @@ async fn run_job(
     let max_attempts = sh.settings.max_attempts(&job);
     let timeout = job.timeout.unwrap_or(sh.settings.timeout);
 
-    // Decide what runs.
-    let program: std::result::Result<Option<Vec<OsString>>, String> = match (&job.command, &sh.handler) {
-        (Some(argv), _) if sh.allow_job_commands => Ok(Some(argv.clone())),
+    // Decide what runs: a command (and where its program is, when known), or the function.
+    type Command = (Vec<OsString>, Option<PathBuf>);
+    let program: std::result::Result<Option<Command>, String> = match (&job.command, &sh.handler) {
+        (Some(argv), _) if sh.allow_job_commands => Ok(Some((argv.clone(), None))),
         (Some(_), _) => {
             Err("the job carries its own command and this runner was not started with --allow-job-commands".into())
         }
-        (None, Handler::Command(argv)) => Ok(Some(argv.clone())),
+        (None, Handler::Command(argv)) => Ok(Some((argv.clone(), sh.handler_path.clone()))),
         (None, Handler::Function(_)) => Ok(None),
         (None, Handler::JobCommands) => Err("the job has no command and this runner has no handler".into()),
     };
@@ -878,8 +884,8 @@ async fn run_job(
     let ended = match program {
         _ if slot.is_none() => Ended::GivenBack,
         Err(why) => Ended::Refused(why),
-        Ok(Some(argv)) => {
-            let (ended, back) = supervise_command(&sh, &lease, job, argv, log, timeout, stop, max_attempts).await;
+        Ok(Some(command)) => {
+            let (ended, back) = supervise_command(&sh, &lease, job, command, log, timeout, stop, max_attempts).await;
             log = back;
             ended
         }
@@ -966,7 +972,7 @@ async fn supervise_command(
     sh: &Arc<Shared>,
     lease: &Lease,
     job: Job,
-    argv: Vec<OsString>,
+    (argv, program): (Vec<OsString>, Option<PathBuf>),
     log: Box<dyn JobLog>,
     timeout: Duration,
     mut stop: watch::Receiver<Stop>,
@@ -1010,6 +1016,7 @@ async fn supervise_command(
         }
     };
     let spawned = child::Handler::spawn(Spawn {
+        program: program.as_deref(),
         argv: &argv,
         env: &env,
         stdin,
