@@ -5,7 +5,10 @@
 //! Events are hints. The watch is armed before the first listing, so a push that lands between
 //! the two is seen by one or the other; an entry that is gone by the time it is claimed simply
 //! fails its rename and is dropped; a queue overflow marks the index stale and the next claim
-//! lists the directory again. Where inotify is unavailable (no instances or watches left), the
+//! lists the directory again. Only arrivals are watched: names leaving `ready/` (this runner's
+//! own claims, which are popped from the index first, and other claimers', removals, a `mv` by
+//! hand) would wake the watching thread once per claim for nothing the failed rename does not
+//! already handle. Where inotify is unavailable (no instances or watches left), the
 //! index is relisted at most once per [`FALLBACK_RESCAN`] instead, and a warning says so.
 
 use std::collections::BTreeSet;
@@ -120,12 +123,7 @@ impl Index {
             Ok(inotify) => {
                 let ready = inotify.watches().add(
                     root.join("ready"),
-                    WatchMask::MOVED_TO
-                        | WatchMask::CLOSE_WRITE
-                        | WatchMask::CREATE
-                        | WatchMask::MOVED_FROM
-                        | WatchMask::DELETE
-                        | WatchMask::ONLYDIR,
+                    WatchMask::MOVED_TO | WatchMask::CLOSE_WRITE | WatchMask::CREATE | WatchMask::ONLYDIR,
                 );
                 let runners = inotify
                     .watches()
@@ -210,13 +208,7 @@ impl Index {
                     continue;
                 }
                 let Some(name) = name else { continue };
-                if mask.intersects(EventMask::MOVED_FROM | EventMask::DELETE) {
-                    if let Some(n) = QueuedName::parse(name.as_bytes()) {
-                        let e = Entry::new(&n);
-                        self.future.remove(&(e.at, e.clone()));
-                        self.due.remove(&e);
-                    }
-                } else if mask.contains(EventMask::CREATE) && !mask.contains(EventMask::ISDIR) {
+                if mask.contains(EventMask::CREATE) && !mask.contains(EventMask::ISDIR) {
                     // A regular file created in place is indexed when it is closed; anything
                     // else (a link, a FIFO…) never will be, so look at it now.
                     self.foreign.push((name, Kind::Vanished));
@@ -325,5 +317,34 @@ impl Index {
     /// Whether nothing is indexed.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn readable(idx: &Index) -> bool {
+        use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+        let mut fds = [PollFd::new(idx.fd().expect("inotify in use"), PollFlags::POLLIN)];
+        poll(&mut fds, PollTimeout::ZERO).unwrap() == 1
+    }
+
+    /// The watching thread woke for every claim, whose rename out of `ready/` is an event too.
+    #[test]
+    fn a_name_arriving_in_ready_is_an_event_and_one_leaving_is_not() {
+        let d = tempfile::tempdir().unwrap();
+        for sub in ["ready", "runners", "running"] {
+            std::fs::create_dir(d.path().join(sub)).unwrap();
+        }
+        let mut idx = Index::new(d.path());
+        assert!(!readable(&idx));
+        std::fs::write(d.path().join("job"), b"").unwrap();
+        std::fs::rename(d.path().join("job"), d.path().join("ready/job")).unwrap();
+        assert!(readable(&idx), "a push (a rename into ready/) must wake the watcher");
+        idx.drain();
+        assert!(!readable(&idx));
+        std::fs::rename(d.path().join("ready/job"), d.path().join("running/job")).unwrap();
+        assert!(!readable(&idx), "a claim (a rename out of ready/) woke the watcher");
     }
 }
