@@ -56,9 +56,9 @@ pub struct Spawn<'a> {
     pub stdout: OwnedFd,
     /// Standard error.
     pub stderr: OwnedFd,
-    /// The runner's guardian (the write end of its pipe), which the handler registers its
-    /// process group with before exec; see the `reaper` module.
-    pub guardian: Option<RawFd>,
+    /// The handler's cell in the guardian's table, where it writes its process group before
+    /// exec; see the `reaper` module.
+    pub guardian: Option<&'a AtomicI32>,
 }
 
 fn pidfd_open(pid: libc::pid_t) -> io::Result<OwnedFd> {
@@ -114,7 +114,7 @@ struct ChildArgs {
     argv: *const *const libc::c_char,
     envp: *const *const libc::c_char,
     fds: [RawFd; 3],
-    guardian: RawFd,
+    guardian: *const AtomicI32,
     parent: libc::pid_t,
     /// The step that failed and its errno, written by the child when it cannot exec.
     failed: AtomicI32,
@@ -165,10 +165,10 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
             fail(STEP_SETPGID);
         }
         // Register the new process group with the guardian before anything can start in it.
-        // The guardian sees end-of-file only once this process has exec'd or died (it holds
-        // the close-on-exec write end until then), so it reads this first.
-        if a.guardian >= 0 {
-            super::reaper::send_raw(a.guardian, b'+', libc::getpid() as u32);
+        // The guardian reads its table only at end-of-file on its pipe, which cannot come
+        // before this process exec'd or died (it holds a close-on-exec copy of the write end).
+        if let Some(cell) = a.guardian.as_ref() {
+            cell.store(libc::getpid(), Ordering::SeqCst);
         }
         for (target, &fd) in a.fds.iter().enumerate() {
             if libc::dup2(fd, target as libc::c_int) < 0 {
@@ -219,7 +219,7 @@ impl Handler {
             argv: argv.as_ptr(),
             envp: envp.as_ptr(),
             fds: [fds[0].as_raw_fd(), fds[1].as_raw_fd(), fds[2].as_raw_fd()],
-            guardian: spec.guardian.unwrap_or(-1),
+            guardian: spec.guardian.map_or(std::ptr::null(), std::ptr::from_ref),
             parent: std::process::id() as libc::pid_t,
             failed: AtomicI32::new(0),
             errno: AtomicI32::new(0),
@@ -351,9 +351,9 @@ fn wait(pid: libc::pid_t) -> io::Result<ExitStatus> {
 
 /// Takes back a handler that will not be supervised (its exec failed, or it cannot be watched):
 /// withdraws its group from the guardian and reaps it.
-fn withdraw(pid: libc::pid_t, guardian: Option<RawFd>) {
-    if let Some(fd) = guardian {
-        super::reaper::send_raw(fd, b'-', pid as u32);
+fn withdraw(pid: libc::pid_t, guardian: Option<&AtomicI32>) {
+    if let Some(cell) = guardian {
+        cell.store(0, Ordering::SeqCst);
     }
     let _ = wait(pid);
 }
@@ -386,9 +386,8 @@ pub fn describe(status: ExitStatus) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::Read;
 
-    fn spawn(argv: &[&str], guardian: RawFd) -> io::Result<Handler> {
+    fn spawn(argv: &[&str], guardian: &AtomicI32) -> io::Result<Handler> {
         let argv: Vec<OsString> = argv.iter().map(OsString::from).collect();
         Handler::spawn(Spawn {
             program: None,
@@ -401,33 +400,20 @@ mod tests {
         })
     }
 
-    /// The messages the guardian would have read, as (op, pgid).
-    fn messages(read: OwnedFd) -> Vec<(u8, u32)> {
-        let mut bytes = Vec::new();
-        std::fs::File::from(read).read_to_end(&mut bytes).unwrap();
-        bytes
-            .chunks(5)
-            .map(|m| (m[0], u32::from_le_bytes([m[1], m[2], m[3], m[4]])))
-            .collect()
-    }
-
     #[tokio::test]
     async fn a_handler_registers_its_group_with_the_guardian_before_exec_and_a_failed_exec_withdraws_it() {
-        let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
-        let handler = spawn(&["true"], write.as_raw_fd()).unwrap();
-        let pid = handler.pid();
+        let cell = AtomicI32::new(0);
+        let handler = spawn(&["true"], &cell).unwrap();
+        // The spawn returns once the handler exec'd: it registered itself before.
+        assert_eq!(cell.load(Ordering::SeqCst), handler.pid() as i32);
         handler.exited().await.unwrap();
         handler.reap().unwrap();
-        assert!(spawn(&["/no/such/program"], write.as_raw_fd()).is_err());
-        drop(write);
-        let got = messages(read);
-        assert_eq!(got.len(), 3, "{got:?}");
-        assert_eq!(got[0], (b'+', pid), "registered by the handler itself: {got:?}");
-        assert_eq!(got[1].0, b'+');
+        let failed = AtomicI32::new(0);
+        assert!(spawn(&["/no/such/program"], &failed).is_err());
         assert_eq!(
-            got[2],
-            (b'-', got[1].1),
-            "a failed exec withdraws its registration: {got:?}"
+            failed.load(Ordering::SeqCst),
+            0,
+            "a failed exec withdraws its registration"
         );
     }
 }

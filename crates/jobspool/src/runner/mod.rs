@@ -1015,16 +1015,25 @@ async fn supervise_command(
             Err(e) => return (Ended::SpawnFailed(format!("writing the payload: {e}")), log),
         }
     };
-    let spawned = child::Handler::spawn(Spawn {
-        program: program.as_deref(),
-        argv: &argv,
-        env: &env,
-        stdin,
-        stdout,
-        stderr,
-        // The handler registers its group with the guardian itself, before exec.
-        guardian: sh.reaper.lock().unwrap_or_else(|e| e.into_inner()).fd(),
-    });
+    // The handler registers its group with the guardian itself, before exec, in a cell of the
+    // guardian's table reserved for it here.
+    let (spawned, cell) = {
+        let mut reaper = sh.reaper.lock().unwrap_or_else(|e| e.into_inner());
+        let cell = reaper.reserve();
+        let spawned = child::Handler::spawn(Spawn {
+            program: program.as_deref(),
+            argv: &argv,
+            env: &env,
+            stdin,
+            stdout,
+            stderr,
+            guardian: cell.map(|i| reaper.cell(i)),
+        });
+        if let (Err(_), Some(i)) = (&spawned, cell) {
+            reaper.forget(i);
+        }
+        (spawned, cell)
+    };
     let handler = match spawned {
         Ok(h) => h,
         Err(e) => {
@@ -1128,10 +1137,9 @@ async fn supervise_command(
     // runner killed between the two, nobody would kill the leftovers. (The group leader is not
     // reaped yet, so its group id cannot have been reused.)
     handler.signal_group(nix::sys::signal::Signal::SIGKILL);
-    sh.reaper
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .forget(handler.pid());
+    if let Some(i) = cell {
+        sh.reaper.lock().unwrap_or_else(|e| e.into_inner()).forget(i);
+    }
     // The handler has exited (its pidfd said so), so it is reaped here without a thread hop.
     let reaped = match handler.try_reap() {
         Ok(r) => r,

@@ -1,87 +1,106 @@
 //! A guardian process that kills the runner's handler groups if the runner dies.
 //!
 //! A handler dies with the runner (parent-death signal), but its own children do not: the
-//! parent-death signal is not inherited. So each runner forks one small guardian at start. Each
-//! handler registers its process group over a pipe between fork and exec, before it can start a
-//! process of its own (registering after the spawn returned left a window in which a runner
-//! killed at that moment left the handler's first children behind), and the runner unregisters
-//! it when the handler is done; when the runner exits —
-//! even by `kill -9` — the pipe reaches end-of-file and the guardian kills every group still
-//! registered, then exits. On a clean exit no group is registered and it just exits.
+//! parent-death signal is not inherited. So each runner forks one small guardian at start,
+//! sharing with it a table of process groups in memory mapped before the fork. Each handler
+//! writes its process group into a cell of that table between fork and exec, before it can
+//! start a process of its own (registering after the spawn returned left a window in which a
+//! runner killed at that moment left the handler's first children behind), and the runner
+//! clears the cell when the handler is done. The guardian sleeps on a pipe nobody writes to:
+//! when the runner exits — even by `kill -9` — the pipe reaches end-of-file and the guardian
+//! kills every group still in the table, then exits. On a clean exit the table is empty.
+//!
+//! A table rather than messages on the pipe: registering and forgetting are then a store to
+//! memory each, where messages cost two system calls and two wake-ups of the guardian per job.
+//! The handler's store happens before its exec, and the guardian reads the table only after
+//! end-of-file, which cannot come before that exec closed the handler's copy of the pipe.
 //!
 //! The guardian only makes async-signal-safe calls (it is forked from a multi-threaded process):
-//! no allocation, no locks, a fixed table of groups.
+//! no allocation, no locks.
 
-use std::io::{self, Write};
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicI32, Ordering};
 
 use nix::libc;
 use nix::unistd::{ForkResult, Pid};
 
-/// Most handler groups the guardian tracks at once (more slots than that are not protected).
+/// Most handler groups the guardian tracks at once (more handlers than that are not protected).
 const MAX_GROUPS: usize = 4096;
 
 /// The runner's end of the guardian.
 pub struct Reaper {
     pipe: Option<std::fs::File>,
     child: Pid,
+    /// `MAX_GROUPS` cells shared with the guardian: a process group id, or 0 when free.
+    table: *mut AtomicI32,
+    /// Cells no handler holds.
+    free: Vec<usize>,
 }
 
+// SAFETY: the table is plain shared memory of atomics, valid until `drop` unmaps it; the
+// runner reaches a `Reaper` only through a mutex.
+unsafe impl Send for Reaper {}
+
 impl Reaper {
-    /// Forks the guardian.
+    /// Maps the table and forks the guardian.
     pub fn start() -> io::Result<Reaper> {
-        let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+        let size = MAX_GROUPS * std::mem::size_of::<AtomicI32>();
+        // SAFETY: a fresh anonymous shared mapping, zero-filled, owned by this Reaper.
+        let table = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                size,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if table == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let table = table.cast::<AtomicI32>();
+        let unmap = || {
+            // SAFETY: unmaps the mapping made above, which nothing else uses.
+            unsafe { libc::munmap(table.cast(), size) };
+        };
+        let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).inspect_err(|_| unmap())?;
         // SAFETY: the child only calls async-signal-safe functions and then _exit.
-        match unsafe { nix::unistd::fork() }? {
+        match unsafe { nix::unistd::fork() }.inspect_err(|_| unmap())? {
             ForkResult::Child => {
                 drop(write);
-                guard(read)
+                guard(read, table)
             }
             ForkResult::Parent { child } => {
                 drop(read);
                 Ok(Reaper {
                     pipe: Some(std::fs::File::from(write)),
                     child,
+                    table,
+                    free: (0..MAX_GROUPS).rev().collect(),
                 })
             }
         }
     }
 
-    fn send(&mut self, op: u8, pgid: u32) {
-        if let Some(p) = self.pipe.as_mut() {
-            // Five bytes are below PIPE_BUF: written whole or not at all.
-            let _ = p.write_all(&message(op, pgid));
-        }
+    /// Takes a free cell for the next handler to register its process group in (see
+    /// `child::Handler::spawn`); `None` when every cell is taken.
+    pub fn reserve(&mut self) -> Option<usize> {
+        self.free.pop()
     }
 
-    /// The write end of the guardian's pipe. A handler registers its own process group through
-    /// it between fork and exec (see `child::Handler::spawn`), before it can start any process
-    /// of its own; the descriptor is close-on-exec.
-    pub fn fd(&self) -> Option<RawFd> {
-        self.pipe.as_ref().map(AsRawFd::as_raw_fd)
+    /// The cell `index`, to give the handler.
+    pub fn cell(&self, index: usize) -> &AtomicI32 {
+        assert!(index < MAX_GROUPS);
+        // SAFETY: in bounds, and the mapping lives as long as `self`.
+        unsafe { &*self.table.add(index) }
     }
 
-    /// Unregisters a handler's process group (just before it is reaped).
-    pub fn forget(&mut self, pgid: u32) {
-        self.send(b'-', pgid);
-    }
-}
-
-/// One message to the guardian: `+` registers a process group, `-` unregisters it.
-pub fn message(op: u8, pgid: u32) -> [u8; 5] {
-    let mut msg = [0u8; 5];
-    msg[0] = op;
-    msg[1..].copy_from_slice(&pgid.to_le_bytes());
-    msg
-}
-
-/// Sends one message to the guardian through its raw descriptor. Async-signal-safe: one
-/// `write` of five bytes, which is below PIPE_BUF and so never interleaves with other writers.
-pub fn send_raw(fd: RawFd, op: u8, pgid: u32) {
-    let msg = message(op, pgid);
-    // SAFETY: writes five bytes from a stack buffer to a descriptor the caller keeps open.
-    unsafe {
-        nix::libc::write(fd, msg.as_ptr().cast(), msg.len());
+    /// Unregisters a handler's process group (just before it is reaped) and frees its cell.
+    pub fn forget(&mut self, index: usize) {
+        self.cell(index).store(0, Ordering::SeqCst);
+        self.free.push(index);
     }
 }
 
@@ -89,11 +108,13 @@ impl Drop for Reaper {
     fn drop(&mut self) {
         self.pipe.take();
         let _ = nix::sys::wait::waitpid(self.child, None);
+        // SAFETY: the guardian has exited and no handler holds a cell past the runner's end.
+        unsafe { libc::munmap(self.table.cast(), MAX_GROUPS * std::mem::size_of::<AtomicI32>()) };
     }
 }
 
 /// The guardian's whole life, in the forked child.
-fn guard(read: OwnedFd) -> ! {
+fn guard(read: OwnedFd, table: *mut AtomicI32) -> ! {
     let fd = read.as_raw_fd();
     // SAFETY: plain system calls on integers and a stack buffer; no allocation.
     unsafe {
@@ -116,35 +137,16 @@ fn guard(read: OwnedFd) -> ! {
                 }
             }
         }
-        let mut groups = [0i32; MAX_GROUPS];
-        let mut buf = [0u8; 5 * 64];
-        let mut have = 0usize;
+        // Nothing is written to the pipe: end-of-file says the runner is gone.
+        let mut byte = 0u8;
         loop {
-            let n = libc::read(fd, buf.as_mut_ptr().add(have).cast(), buf.len() - have);
-            if n < 0 && *libc::__errno_location() == libc::EINTR {
-                continue;
-            }
-            if n <= 0 {
+            let n = libc::read(fd, (&raw mut byte).cast(), 1);
+            if n == 0 || (n < 0 && *libc::__errno_location() != libc::EINTR) {
                 break;
             }
-            have += n as usize;
-            let whole = have - have % 5;
-            let mut i = 0;
-            while i < whole {
-                let pgid = i32::from_le_bytes([buf[i + 1], buf[i + 2], buf[i + 3], buf[i + 4]]);
-                if buf[i] == b'+' {
-                    if let Some(slot) = groups.iter_mut().find(|g| **g == 0) {
-                        *slot = pgid;
-                    }
-                } else if let Some(slot) = groups.iter_mut().find(|g| **g == pgid) {
-                    *slot = 0;
-                }
-                i += 5;
-            }
-            buf.copy_within(whole..have, 0);
-            have -= whole;
         }
-        for g in groups {
+        for i in 0..MAX_GROUPS {
+            let g = (*table.add(i)).load(Ordering::SeqCst);
             if g > 0 {
                 libc::kill(-g, libc::SIGKILL);
             }
