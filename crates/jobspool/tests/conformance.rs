@@ -469,6 +469,98 @@ fn the_runner_keeps_the_exit_code_contract(b: &dyn Backend) {
     assert!(s.idle().unwrap().is_idle());
 }
 
+/// Asserts that `parts` occur in `text` in this order.
+fn in_order(text: &str, parts: &[&str]) {
+    let mut at = 0;
+    for p in parts {
+        match text[at..].find(p) {
+            Some(i) => at += i + p.len(),
+            None => panic!("{p:?} missing, or out of order, in:\n{text}"),
+        }
+    }
+}
+
+fn every_attempt_leaves_its_header_output_trailer_and_events(b: &dyn Backend) {
+    let s = b.open();
+    let tmp = tempfile::tempdir().unwrap();
+    for name in ["ok", "flaky", "doomed"] {
+        push(&*s, name, 0);
+    }
+    // `flaky` fails its first attempt (75: retried) and succeeds on its second.
+    let script = format!(
+        "read name; echo \"out $name $JOBSPOOL_ATTEMPT\"; case $name in ok) exit 0;; doomed) exit 100;; esac; \
+         [ -e {dir}/$name ] && exit 0; touch {dir}/$name; exit 75",
+        dir = tmp.path().display()
+    );
+    let report = runner::run(b.open(), runner_options(&["sh", "-c", &script])).unwrap();
+    assert_eq!((report.done, report.retried, report.dead), (2, 1, 1));
+    let log = |n: &str| String::from_utf8(s.read_log(&id(n), 0).unwrap().unwrap()).unwrap();
+    let kinds = |h: &[store::Event]| h.iter().map(|e| e.kind).collect::<Vec<_>>();
+    use EventKind::*;
+
+    let ok = log("ok");
+    in_order(
+        &ok,
+        &[
+            "=== jobspool: attempt 1 of 2",
+            "\nout ok 1\n",
+            "=== jobspool: exit 0 after",
+        ],
+    );
+    assert_eq!(ok.matches("=== jobspool: exit").count(), 1, "one trailer: {ok}");
+    let history = s
+        .finished(&id("ok"))
+        .unwrap()
+        .expect("a finished job's history is kept");
+    assert_eq!(kinds(&history), [Started, Done]);
+    assert!(
+        history.iter().all(|e| e.attempt == 1 && e.runner.is_some()),
+        "{history:?}"
+    );
+
+    let flaky = log("flaky");
+    in_order(
+        &flaky,
+        &[
+            "=== jobspool: attempt 1 of 2",
+            "\nout flaky 1\n",
+            "=== jobspool: exit 75 (temporary failure) after",
+            "=== jobspool: attempt 2 of 2",
+            "\nout flaky 2\n",
+            "=== jobspool: exit 0 after",
+        ],
+    );
+    assert_eq!(
+        flaky.matches("=== jobspool: exit").count(),
+        2,
+        "one trailer per attempt: {flaky}"
+    );
+    let history = s.finished(&id("flaky")).unwrap().unwrap();
+    assert_eq!(kinds(&history), [Started, Failed, Started, Done]);
+    assert!(
+        history[1].detail.as_deref().unwrap().contains("out flaky 1"),
+        "the failure quotes the attempt's own output: {history:?}"
+    );
+
+    let doomed = log("doomed");
+    in_order(
+        &doomed,
+        &[
+            "=== jobspool: attempt 1 of 2",
+            "\nout doomed 1\n",
+            "=== jobspool: exit 100 (permanent failure) after",
+        ],
+    );
+    assert_eq!(doomed.matches("=== jobspool: exit").count(), 1, "{doomed}");
+    let d = s.get("doomed").unwrap();
+    assert_eq!(kinds(&d.history), [Started, Dead]);
+    let reason = d.dead_reason().unwrap();
+    assert!(
+        reason.contains("out doomed 1") && !reason.contains("=== jobspool"),
+        "the reason quotes the output, not the runner's own lines: {reason}"
+    );
+}
+
 fn the_runner_gives_the_environment_and_runs_scheduled_jobs_on_time(b: &dyn Backend) {
     let s = b.open();
     let tmp = tempfile::tempdir().unwrap();
@@ -550,6 +642,7 @@ conformance!(
     a_watch_wakes_on_a_push_from_another_handle,
     runners_register_and_retire,
     the_runner_keeps_the_exit_code_contract,
+    every_attempt_leaves_its_header_output_trailer_and_events,
     the_runner_gives_the_environment_and_runs_scheduled_jobs_on_time,
     the_runner_stops_a_handler_whose_job_was_removed,
 );

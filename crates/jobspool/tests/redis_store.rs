@@ -1,5 +1,6 @@
-//! Redis-only behaviour that the conformance suite cannot reach: answers lost on the wire, and
-//! requests held on the wire while other callers of the same handle go on.
+//! Redis-only behaviour that the conformance suite cannot reach: answers lost on the wire,
+//! requests held on the wire while other callers of the same handle go on, an attempt's end
+//! written in one step (or not at all under a stale lease), and the requests a job costs.
 
 mod common;
 
@@ -10,7 +11,9 @@ use std::sync::{Arc, Mutex, mpsc};
 use std::time::Duration;
 
 use common::redis_server::RedisServer;
-use jobspool::{NewJob, store};
+use jobspool::runner::{self, Handler, RunnerOptions};
+use jobspool::store::{Event, EventKind, Outcome};
+use jobspool::{Error, NewJob, store};
 
 /// A loopback proxy to a Redis server that, when armed, lets the next request through but
 /// swallows its answer and drops the connection: the server acted, the client never hears.
@@ -197,4 +200,172 @@ fn a_caller_waiting_for_an_answer_does_not_hold_up_other_callers_of_the_same_han
     assert_eq!(claim.job.id, pushed);
     shared.ack(&claim.lease).unwrap();
     assert!(direct.idle().unwrap().is_idle());
+}
+
+fn history_kinds(s: &dyn store::Store, id: &jobspool::JobId) -> Vec<EventKind> {
+    let history = match s.get(id.as_str()) {
+        Ok(d) => d.history,
+        Err(_) => s.finished(id).unwrap().unwrap_or_default(),
+    };
+    history.iter().map(|e| e.kind).collect()
+}
+
+fn log_text(s: &dyn store::Store, id: &jobspool::JobId) -> String {
+    String::from_utf8(s.read_log(id, 0).unwrap().unwrap_or_default()).unwrap()
+}
+
+#[test]
+fn an_end_attempt_under_a_stale_lease_writes_no_trailer_and_no_event_and_is_refused() {
+    let Some(server) = RedisServer::start() else { return };
+    let s = store::open(&server.url("stale"), true).unwrap();
+    let id = s.push(&NewJob::new(b"x".to_vec())).unwrap();
+    let a = s.claim(Duration::from_millis(100)).unwrap().unwrap();
+    let started = |n| Event::now(EventKind::Started, n, None);
+    let (log_a, start) = s.begin_attempt(&a.lease, b"=== A begins ===\n", &started(1)).unwrap();
+    assert_eq!(start, 0);
+    // A's lease runs out; B's claim takes the job back and claims it again.
+    std::thread::sleep(Duration::from_millis(300));
+    let b = s
+        .claim(Duration::from_secs(600))
+        .unwrap()
+        .expect("reclaimed and claimed again");
+    assert_eq!((&b.job.id, b.lease.attempt), (&id, 2));
+    let (_log_b, start) = s.begin_attempt(&b.lease, b"=== B begins ===\n", &started(2)).unwrap();
+    assert_eq!(start, 17, "B's header starts after A's");
+    let (log_before, history_before) = (log_text(&*s, &id), s.get(id.as_str()).unwrap().history);
+
+    let mut log_a = Some(log_a);
+    for outcome in [
+        Outcome::Ack,
+        Outcome::Retry { delay: Duration::ZERO },
+        Outcome::Bury { reason: "stale".into() },
+        Outcome::Release,
+    ] {
+        let done = Event::now(EventKind::Done, 1, Some("stale".into()));
+        let r = s.end_attempt(&a.lease, log_a.take(), b"=== A ends ===\n", &outcome, Some(&done));
+        assert!(matches!(r, Err(Error::LeaseLost { .. })), "{outcome:?}: {r:?}");
+    }
+    assert_eq!(log_text(&*s, &id), log_before, "no trailer from the stale holder");
+    let d = s.get(id.as_str()).unwrap();
+    assert_eq!(d.history, history_before, "no event from the stale holder");
+    assert_eq!(d.info.state, jobspool::State::Running, "B still holds the job");
+    s.heartbeat(&b.lease).unwrap();
+
+    let done = Event::now(EventKind::Done, 2, None);
+    s.end_attempt(&b.lease, None, b"=== B ends ===\n", &Outcome::Ack, Some(&done))
+        .unwrap();
+    assert_eq!(
+        log_text(&*s, &id),
+        "=== A begins ===\n=== B begins ===\n=== B ends ===\n"
+    );
+    assert_eq!(
+        history_kinds(&*s, &id),
+        [
+            EventKind::Started,
+            EventKind::Reclaimed,
+            EventKind::Started,
+            EventKind::Done
+        ]
+    );
+    assert!(s.idle().unwrap().is_idle());
+}
+
+#[test]
+fn an_end_attempt_whose_answer_was_lost_is_repeated_and_writes_its_trailer_and_event_once() {
+    let Some(server) = RedisServer::start() else { return };
+    let direct = store::open(&server.url("lossy3"), true).unwrap();
+    let proxy = LossyProxy::start(server.port);
+    let via_proxy = store::open(&format!("redis://127.0.0.1:{}/0?queue=lossy3", proxy.port), false).unwrap();
+    for (outcome, kinds) in [
+        (
+            Outcome::Retry {
+                delay: Duration::from_secs(3600),
+            },
+            vec![EventKind::Started, EventKind::Failed],
+        ),
+        (
+            Outcome::Bury { reason: "no".into() },
+            vec![EventKind::Started, EventKind::Dead],
+        ),
+        (Outcome::Ack, vec![EventKind::Started, EventKind::Done]),
+    ] {
+        let id = via_proxy.push(&NewJob::new(b"x".to_vec())).unwrap();
+        let c = via_proxy.claim(Duration::from_secs(600)).unwrap().unwrap();
+        let started = Event::now(EventKind::Started, 1, None);
+        let (log, _) = via_proxy
+            .begin_attempt(&c.lease, b"=== begins ===\n", &started)
+            .unwrap();
+        // Loads the script into the server, so the armed drop hits the request itself.
+        let stale = jobspool::Lease {
+            token: "nobody".into(),
+            ..c.lease.clone()
+        };
+        assert!(direct.end_attempt(&stale, None, b"", &outcome, None).is_err());
+
+        proxy.drop_next_reply.store(true, Ordering::SeqCst);
+        // Bury records its own dead event.
+        let event = (!matches!(outcome, Outcome::Bury { .. })).then(|| Event::now(kinds[1], 1, None));
+        via_proxy
+            .end_attempt(&c.lease, Some(log), b"=== ends ===\n", &outcome, event.as_ref())
+            .expect("an applied end is not reported as failed");
+        assert_eq!(
+            log_text(&*direct, &id),
+            "=== begins ===\n=== ends ===\n",
+            "{outcome:?}: the trailer once"
+        );
+        assert_eq!(history_kinds(&*direct, &id), kinds, "{outcome:?}: the event once");
+        assert!(
+            direct.get(id.as_str()).map_or(true, |d| d.info.attempts == 1),
+            "counted once"
+        );
+    }
+}
+
+#[test]
+fn the_runner_makes_three_writes_per_job_and_no_reads_when_jobs_succeed() {
+    let Some(server) = RedisServer::start() else { return };
+    let url = server.url("trips");
+    let s = store::open(&url, true).unwrap();
+    let opts = || {
+        let mut o = RunnerOptions::new(Handler::Command(vec!["true".into()]));
+        o.slots = 1;
+        o.drain = true;
+        o
+    };
+    let mut redis = ::redis::Client::open(format!("redis://127.0.0.1:{}/0", server.port))
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    // Calls by the clients, per command (scripts' own commands are counted too, but none of
+    // them is EVALSHA or STRLEN).
+    let mut calls = |cmd: &str| -> u64 {
+        let info: String = ::redis::cmd("INFO").arg("commandstats").query(&mut redis).unwrap();
+        let prefix = format!("cmdstat_{cmd}:calls=");
+        info.lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .map_or(0, |rest| rest.split(',').next().unwrap().parse().unwrap())
+    };
+    // A first run loads every script; then the cost of a run with nothing to do.
+    s.push(&NewJob::new(Vec::new())).unwrap();
+    runner::run(store::open(&url, false).unwrap(), opts()).unwrap();
+    let evalsha = calls("evalsha");
+    runner::run(store::open(&url, false).unwrap(), opts()).unwrap();
+    let idle_run = calls("evalsha") - evalsha;
+
+    const N: u64 = 20;
+    let jobs: Vec<NewJob> = (0..N).map(|_| NewJob::new(Vec::new())).collect();
+    s.push_batch(&jobs).unwrap();
+    let (evalsha, strlen_before) = (calls("evalsha"), calls("strlen"));
+    let report = runner::run(store::open(&url, false).unwrap(), opts()).unwrap();
+    assert_eq!(report.done, N);
+    let per_run = calls("evalsha") - evalsha;
+    // Claim, begin (header + started), end (trailer + ack + done): 3 per job. A job used to
+    // take 6 (claim, header, started, trailer, ack, done) and 2 reads (the log's size).
+    // (A few more than the idle run: a last claim, a tick.)
+    assert!(
+        per_run <= 3 * N + idle_run + 5,
+        "{per_run} scripts for {N} jobs, {idle_run} for a run with none: more than 3 per job"
+    );
+    assert_eq!(calls("strlen") - strlen_before, 0, "no read of the log's size");
+    eprintln!("{per_run} scripts for {N} jobs, {idle_run} for a run with none");
 }

@@ -44,7 +44,7 @@ use self::signals::Sig;
 use crate::config::{Backoff, format_duration};
 use crate::error::{Error, Result};
 use crate::job::{Job, JobId, format_ms, now_ms};
-use crate::store::{Claim, Event, EventKind, JobLog, Lease, RunnerStatus, Store, Wakeup};
+use crate::store::{Claim, Event, EventKind, JobLog, Lease, Outcome, RunnerStatus, Store, Wakeup};
 
 /// The longest a stopped handler gets between SIGTERM and SIGKILL.
 pub const KILL_AFTER: Duration = Duration::from_secs(5);
@@ -795,9 +795,10 @@ async fn claim_next(sh: &Arc<Shared>) -> Result<Option<(Claim, Opened)>> {
     .await
 }
 
-/// Opens the claimed job's log, writes the attempt's header and records its start.
+/// Opens the claimed job's log, writes the attempt's header and records its start
+/// ([`Store::begin_attempt`]: one round trip on a store that has a server).
 fn open_attempt(sh: &Shared, claim: &Claim) -> Opened {
-    let (id, attempt) = (&claim.lease.id, claim.lease.attempt);
+    let attempt = claim.lease.attempt;
     let max_attempts = sh.settings.max_attempts(&claim.job);
     let header = format!(
         "=== jobspool: attempt {attempt} of {max_attempts} · {} · runner {} on {} pid {} ===\n",
@@ -806,13 +807,9 @@ fn open_attempt(sh: &Shared, claim: &Claim) -> Opened {
         sh.host,
         std::process::id()
     );
-    let mut log = sh.store.open_log(id)?;
-    let start = log.size()?;
-    log.append(header.as_bytes())?;
     let mut ev = Event::now(EventKind::Started, attempt, None);
     ev.runner = Some(sh.runner_id.clone());
-    let _ = sh.store.record(id, &ev);
-    Ok((log, start))
+    sh.store.begin_attempt(&claim.lease, header.as_bytes(), &ev)
 }
 
 /// A busy slot, given back to the main loop (once) when its handler has ended, with how long
@@ -896,7 +893,8 @@ async fn run_job(
         slot.free(took);
     }
 
-    // Trailer, last output, decision, transition, history.
+    // Last output, decision, then trailer + transition + history in one step (one round trip
+    // on a store that has a server: see `Store::end_attempt`).
     let trailer = format!(
         "=== jobspool: {} after {} ===\n",
         ended.describe(),
@@ -907,8 +905,7 @@ async fn run_job(
     let runner = sh.runner_id.clone();
     let outcome_patience = sh.settings.lease.max(OUTCOME_PATIENCE);
     let (ended, decision, error) = blocking(move || {
-        let _ = log.append(trailer.as_bytes());
-        drop(log);
+        // Read before the trailer is written: the attempt's own output only.
         let output = match &ended {
             Ended::Exit(0) | Ended::Stopped | Ended::GivenBack | Ended::LeaseLost => String::new(),
             _ => s
@@ -916,7 +913,7 @@ async fn run_job(
                 .ok()
                 .flatten()
                 .map(|b| {
-                    // Leave out our own header and trailer.
+                    // Leave out our own header.
                     let text = String::from_utf8_lossy(&b);
                     let body: Vec<&str> = text.lines().filter(|l| !l.starts_with("=== jobspool: ")).collect();
                     tail(body.join("\n").as_bytes(), 5, 2000)
@@ -924,33 +921,47 @@ async fn run_job(
                 .unwrap_or_default(),
         };
         let decision = decide(&ended, attempt, max_attempts, &backoff, &output);
-        let result = persist(&lease.id, outcome_patience, || match &decision {
-            Decision::Ack => s.ack(&lease),
-            Decision::Retry { delay, .. } => s.retry(&lease, *delay),
-            Decision::Bury { reason } => s.bury(&lease, reason),
-            Decision::Release => s.release(&lease),
-            Decision::Abandon => Ok(()),
-        });
+        let event = |kind: EventKind, detail: String| {
+            let mut ev = Event::now(kind, attempt, Some(detail));
+            ev.runner = Some(runner.clone());
+            ev
+        };
+        let outcome = match &decision {
+            Decision::Ack => Some((Outcome::Ack, Some(event(EventKind::Done, ended.describe())))),
+            Decision::Retry { delay, reason } => Some((
+                Outcome::Retry { delay: *delay },
+                Some(event(
+                    EventKind::Failed,
+                    format!("{reason}; retry in {}", format_duration(*delay)),
+                )),
+            )),
+            // Bury records the reason itself.
+            Decision::Bury { reason } => Some((Outcome::Bury { reason: reason.clone() }, None)),
+            Decision::Release => Some((Outcome::Release, Some(event(EventKind::Released, ended.describe())))),
+            Decision::Abandon => None,
+        };
+        let mut log = Some(log);
+        let result = match &outcome {
+            // The log goes with the first try only: a store that writes the trailer through it
+            // writes it once however often the transition is tried.
+            Some((outcome, ev)) => persist(&lease.id, outcome_patience, || {
+                s.end_attempt(&lease, log.take(), trailer.as_bytes(), outcome, ev.as_ref())
+            }),
+            None => Ok(()),
+        };
         let (decision, error) = match result {
             Ok(()) => (decision, None),
             Err(Error::LeaseLost { .. }) => (Decision::Abandon, None),
             Err(e) => (decision, Some(e)),
         };
-        let kind = match &decision {
-            Decision::Ack => Some(EventKind::Done),
-            Decision::Retry { .. } => Some(EventKind::Failed),
-            Decision::Bury { .. } => None, // bury records the reason itself
-            Decision::Release => Some(EventKind::Released),
-            Decision::Abandon => Some(EventKind::LeaseLost),
-        };
-        if let Some(kind) = kind {
-            let detail = match &decision {
-                Decision::Retry { reason, delay } => format!("{reason}; retry in {}", format_duration(*delay)),
-                _ => ended.describe(),
-            };
-            let mut ev = Event::now(kind, attempt, Some(detail));
-            ev.runner = Some(runner);
-            let _ = s.record(&lease.id, &ev);
+        if decision == Decision::Abandon {
+            // The lease was lost while the handler ran (the log is still here: the trailer
+            // says how the attempt ended), or at the end (the store wrote nothing of it, or
+            // only the trailer, before the transition was refused). Either way, say so.
+            if let Some(mut log) = log.take() {
+                let _ = log.append(trailer.as_bytes());
+            }
+            let _ = s.record(&lease.id, &event(EventKind::LeaseLost, ended.describe()));
         }
         (ended, decision, error)
     })

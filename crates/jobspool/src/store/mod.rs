@@ -272,6 +272,26 @@ pub trait JobLog: Send {
     fn child_output(&self) -> Result<Option<File>>;
 }
 
+/// How a claim ends, as [`Store::end_attempt`] applies it: one of the transitions that give up a
+/// lease ([`Store::ack`], [`Store::retry`], [`Store::bury`], [`Store::release`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Done: the job is removed ([`Store::ack`]).
+    Ack,
+    /// Failed: the attempt is counted and the job runs again after `delay` ([`Store::retry`]).
+    Retry {
+        /// How long until the job is runnable again.
+        delay: Duration,
+    },
+    /// Dead, with its reason recorded in its history by the store ([`Store::bury`]).
+    Bury {
+        /// Why.
+        reason: String,
+    },
+    /// Given back, runnable now, the attempt not counted ([`Store::release`]).
+    Release,
+}
+
 /// Why a [`Store::watch`] woke its caller. Both are hints: they may be spurious or coalesced.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Wakeup {
@@ -320,6 +340,63 @@ pub trait Store: Send + Sync {
 
     /// Gives the job back, runnable now, without counting the attempt.
     fn release(&self, lease: &Lease) -> Result<()>;
+
+    /// Starts an attempt of a claimed job: opens its log, appends the attempt's `header` to it and
+    /// records `started` in its history (a failure to record it is ignored: the history is a
+    /// record, not part of the job's state). Returns the log, for the attempt's output, and the
+    /// offset where `header` starts (to read back what this attempt wrote).
+    ///
+    /// The lease is not checked: the claim was just made. Not repeated on failure (a repeat
+    /// could write the header twice); a caller that gets an error gives the job back.
+    ///
+    /// The default makes one call per step; a store whose every call is a round trip to a server
+    /// overrides it to do all of it in one.
+    fn begin_attempt(&self, lease: &Lease, header: &[u8], started: &Event) -> Result<(Box<dyn JobLog>, u64)> {
+        let mut log = self.open_log(&lease.id)?;
+        let start = log.size()?;
+        log.append(header)?;
+        let _ = self.record(&lease.id, started);
+        Ok((log, start))
+    }
+
+    /// Ends an attempt: appends `trailer` to the job's log, applies `outcome` under `lease`, then
+    /// records `event` in the job's history (if any; a failure to record it is ignored). A
+    /// [`Outcome::Bury`] records its own dead event with the reason, so callers pass no event
+    /// for it.
+    ///
+    /// `log` is the attempt's log as [`Store::begin_attempt`] returned it, for stores that write
+    /// the trailer through it: the default appends the trailer there first (whatever the lease,
+    /// and ignoring a failure, since the outcome matters more than the log). A caller repeating a
+    /// call that failed (the transition is safe to repeat, see [`Store::ack`]) passes `None`,
+    /// so the trailer is written once.
+    ///
+    /// Stores that override this write the trailer, the transition and the event as one atomic
+    /// step, and only while `lease` holds: when it is lost, nothing at all is written and
+    /// [`Error::LeaseLost`](crate::Error::LeaseLost) is returned, as by the transition alone. A
+    /// repeat of a call that was applied but whose answer was lost is answered as the first was
+    /// and writes nothing twice.
+    fn end_attempt(
+        &self,
+        lease: &Lease,
+        log: Option<Box<dyn JobLog>>,
+        trailer: &[u8],
+        outcome: &Outcome,
+        event: Option<&Event>,
+    ) -> Result<()> {
+        if let Some(mut log) = log {
+            let _ = log.append(trailer);
+        }
+        match outcome {
+            Outcome::Ack => self.ack(lease)?,
+            Outcome::Retry { delay } => self.retry(lease, *delay)?,
+            Outcome::Bury { reason } => self.bury(lease, reason)?,
+            Outcome::Release => self.release(lease)?,
+        }
+        if let Some(event) = event {
+            let _ = self.record(&lease.id, event);
+        }
+        Ok(())
+    }
 
     /// Takes back claims whose runner is gone or whose lease expired. Each one counts as an
     /// attempt; a job whose attempts are exhausted (by its own limit, else `max_attempts`) goes

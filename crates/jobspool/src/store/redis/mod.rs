@@ -107,6 +107,8 @@ pub fn script_digests() -> Vec<(&'static str, String)> {
         ("next_due", scripts::NEXT_DUE),
         ("log_append", scripts::LOG_APPEND),
         ("record", scripts::RECORD),
+        ("begin_attempt", scripts::BEGIN_ATTEMPT),
+        ("end_attempt", scripts::END_ATTEMPT),
         ("announce", scripts::ANNOUNCE),
         ("runners", scripts::RUNNERS),
         ("forget_runners", scripts::FORGET_RUNNERS),
@@ -137,6 +139,8 @@ struct Scripts {
     next_due: Script,
     log_append: Script,
     record: Script,
+    begin_attempt: Script,
+    end_attempt: Script,
     announce: Script,
     runners: Script,
     forget_runners: Script,
@@ -161,6 +165,8 @@ impl Scripts {
             next_due: s(scripts::NEXT_DUE),
             log_append: s(scripts::LOG_APPEND),
             record: s(scripts::RECORD),
+            begin_attempt: s(scripts::BEGIN_ATTEMPT),
+            end_attempt: s(scripts::END_ATTEMPT),
             announce: s(scripts::ANNOUNCE),
             runners: s(scripts::RUNNERS),
             forget_runners: s(scripts::FORGET_RUNNERS),
@@ -652,6 +658,13 @@ impl RedisStore {
     }
 }
 
+/// A retry's delay in milliseconds, no later than the latest run-at any store can hold.
+fn delay_ms(delay: Duration) -> u64 {
+    u64::try_from(delay.as_millis())
+        .unwrap_or(u64::MAX)
+        .min(crate::job::MAX_RUN_AT.saturating_sub(now_ms()))
+}
+
 fn text(v: &Value) -> Option<String> {
     match v {
         Value::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
@@ -776,11 +789,7 @@ impl Store for RedisStore {
     }
 
     fn retry(&self, lease: &Lease, delay: Duration) -> Result<()> {
-        // No later than the latest run-at any store can hold.
-        let ms = u64::try_from(delay.as_millis())
-            .unwrap_or(u64::MAX)
-            .min(crate::job::MAX_RUN_AT.saturating_sub(now_ms()));
-        self.transition(&self.inner.scripts.retry, lease, &[&ms])
+        self.transition(&self.inner.scripts.retry, lease, &[&delay_ms(delay)])
     }
 
     fn bury(&self, lease: &Lease, reason: &str) -> Result<()> {
@@ -789,6 +798,43 @@ impl Store for RedisStore {
 
     fn release(&self, lease: &Lease) -> Result<()> {
         self.transition(&self.inner.scripts.release, lease, &[])
+    }
+
+    /// One script, so one round trip (and one fsync) instead of a read and two writes.
+    fn begin_attempt(&self, lease: &Lease, header: &[u8], started: &Event) -> Result<(Box<dyn JobLog>, u64)> {
+        let json = serde_json::to_string(started).expect("events serialize");
+        let keep = self.retention_ms();
+        let start: i64 = self.inner.run(
+            &self.inner.scripts.begin_attempt,
+            &[&lease.id.as_str(), &header, &LOG_CAP, &keep, &json],
+        )?;
+        Ok((self.open_log(&lease.id)?, start as u64))
+    }
+
+    /// One script, so one round trip (and one fsync) instead of three; `log` is not needed. The
+    /// script checks the lease before it writes anything, and is answered, not reapplied, when
+    /// repeated after its answer was lost, so it is sent again as a transition is.
+    fn end_attempt(
+        &self,
+        lease: &Lease,
+        _log: Option<Box<dyn JobLog>>,
+        trailer: &[u8],
+        outcome: &Outcome,
+        event: Option<&Event>,
+    ) -> Result<()> {
+        let keep = self.retention_ms();
+        let (op, arg) = match outcome {
+            Outcome::Ack => ("ack", keep.to_string()),
+            Outcome::Retry { delay } => ("retry", delay_ms(*delay).to_string()),
+            Outcome::Bury { reason } => ("bury", reason.clone()),
+            Outcome::Release => ("release", String::new()),
+        };
+        let json = event.map_or_else(String::new, |e| serde_json::to_string(e).expect("events serialize"));
+        self.transition(
+            &self.inner.scripts.end_attempt,
+            lease,
+            &[&op, &arg, &trailer, &LOG_CAP, &keep, &json],
+        )
     }
 
     fn reclaim(&self, max_attempts: u32) -> Result<Vec<Reclaimed>> {

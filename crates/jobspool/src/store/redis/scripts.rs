@@ -36,13 +36,40 @@ local function now()
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 local function jk(id) return P .. ':job:' .. id end
+-- Appends an event (JSON) to a job's history, keeping its last 1000.
+local function add_event(id, json)
+  local k = P .. ':events:' .. id
+  redis.call('RPUSH', k, json)
+  redis.call('LTRIM', k, -1000, -1)
+end
 local function event(id, t, kind, attempt, runner, detail)
   local e = '{"at":' .. N(t) .. ',"kind":"' .. kind .. '","attempt":' .. N(attempt)
   if runner and runner ~= '' then e = e .. ',"runner":' .. cjson.encode(runner) end
   if detail then e = e .. ',"detail":' .. cjson.encode(detail) end
-  local k = P .. ':events:' .. id
-  redis.call('RPUSH', k, e .. '}')
-  redis.call('LTRIM', k, -1000, -1)
+  add_event(id, e .. '}')
+end
+-- A client's event (JSON) in a job's history; a finished job's history expires after `keep` ms.
+local function record(id, json, keep)
+  add_event(id, json)
+  if redis.call('EXISTS', jk(id)) == 0 then redis.call('PEXPIRE', P .. ':events:' .. id, keep) end
+end
+-- Appends `bytes` to a job's log, dropping its oldest half past `cap` bytes (`P:logoff:ID`
+-- counts what was dropped, so offsets stay stable); a finished job's log expires after `keep`
+-- ms. Returns the log's size: bytes ever written.
+local function log_append(id, bytes, cap, keep)
+  local k, off = P .. ':log:' .. id, P .. ':logoff:' .. id
+  local len = redis.call('APPEND', k, bytes)
+  cap = tonumber(cap)
+  if len > cap then
+    local drop = len - math.floor(cap / 2)
+    redis.call('SET', k, redis.call('GETRANGE', k, drop, -1), 'KEEPTTL')
+    redis.call('INCRBY', off, drop)
+    len = len - drop
+  end
+  if redis.call('EXISTS', jk(id)) == 0 then
+    redis.call('PEXPIRE', k, keep); redis.call('PEXPIRE', off, keep)
+  end
+  return len + tonumber(redis.call('GET', off) or '0')
 end
 local function to_ready(id, at)
   local pk = tonumber(redis.call('HGET', jk(id), 'pkey'))
@@ -119,6 +146,45 @@ local function unclaim(id, token, op)
   redis.call('ZREM', P .. ':running', id)
   redis.call('SET', ended, op, 'PX', REPEAT_WINDOW_MS)
   return 'now'
+end
+-- The transitions that end a claim, by op name, each taking the job id, the lease token and
+-- one argument, and answering as `unclaim` does.
+local ends = {}
+-- Done: the job is removed; its log and history expire after `keep` ms.
+function ends.ack(id, token, keep)
+  local how = unclaim(id, token, 'ack')
+  if how ~= 'now' then return how end
+  redis.call('DEL', jk(id))
+  for _, k in ipairs({':log:', ':logoff:', ':events:'}) do redis.call('PEXPIRE', P .. k .. id, keep) end
+  return how
+end
+-- Counts the attempt and schedules the next one `delay` ms from now.
+function ends.retry(id, token, delay)
+  local how = unclaim(id, token, 'retry')
+  if how ~= 'now' then return how end
+  redis.call('HINCRBY', jk(id), 'attempts', 1)
+  delay = tonumber(delay)
+  local t = now()
+  if delay > 0 then to_sched(id, t + delay) else to_ready(id, t) end
+  wake()
+  return how
+end
+-- Counts the attempt; the job is dead with `reason`.
+function ends.bury(id, token, reason)
+  local runner = redis.call('HGET', jk(id), 'runner')
+  local how = unclaim(id, token, 'bury')
+  if how ~= 'now' then return how end
+  local attempts = redis.call('HINCRBY', jk(id), 'attempts', 1)
+  to_dead(id, now(), attempts, runner, reason)
+  return how
+end
+-- Back to ready without counting an attempt.
+function ends.release(id, token)
+  local how = unclaim(id, token, 'release')
+  if how ~= 'now' then return how end
+  to_ready(id, now())
+  wake()
+  return how
 end
 "#;
 
@@ -198,46 +264,22 @@ return 1
 
 /// ARGV: P, id, token, retention_ms. The job is done: removed; its log and history expire later.
 pub const ACK: &str = r#"
-local id = ARGV[2]
-local how = unclaim(id, ARGV[3], 'ack')
-if how ~= 'now' then return how and 1 or 0 end
-redis.call('DEL', jk(id))
-for _, k in ipairs({':log:', ':logoff:', ':events:'}) do redis.call('PEXPIRE', P .. k .. id, ARGV[4]) end
-return 1
+return ends.ack(ARGV[2], ARGV[3], ARGV[4]) and 1 or 0
 "#;
 
 /// ARGV: P, id, token, delay_ms. Counts the attempt and schedules the next one.
 pub const RETRY: &str = r#"
-local id = ARGV[2]
-local how = unclaim(id, ARGV[3], 'retry')
-if how ~= 'now' then return how and 1 or 0 end
-redis.call('HINCRBY', jk(id), 'attempts', 1)
-local delay = tonumber(ARGV[4])
-local t = now()
-if delay > 0 then to_sched(id, t + delay) else to_ready(id, t) end
-wake()
-return 1
+return ends.retry(ARGV[2], ARGV[3], ARGV[4]) and 1 or 0
 "#;
 
 /// ARGV: P, id, token, reason. Counts the attempt; the job is dead with the reason.
 pub const BURY: &str = r#"
-local id = ARGV[2]
-local runner = redis.call('HGET', jk(id), 'runner')
-local how = unclaim(id, ARGV[3], 'bury')
-if how ~= 'now' then return how and 1 or 0 end
-local attempts = redis.call('HINCRBY', jk(id), 'attempts', 1)
-to_dead(id, now(), attempts, runner, ARGV[4])
-return 1
+return ends.bury(ARGV[2], ARGV[3], ARGV[4]) and 1 or 0
 "#;
 
 /// ARGV: P, id, token. Back to ready without counting an attempt.
 pub const RELEASE: &str = r#"
-local id = ARGV[2]
-local how = unclaim(id, ARGV[3], 'release')
-if how ~= 'now' then return how and 1 or 0 end
-to_ready(id, now())
-wake()
-return 1
+return ends.release(ARGV[2], ARGV[3]) and 1 or 0
 "#;
 
 /// ARGV: P, id, token, reason. Sets a claimed job whose body is not valid aside.
@@ -303,28 +345,40 @@ return wait
 /// ARGV: P, id, bytes, cap, retention_ms. Appends to a log, trimming its head past the cap.
 /// Returns the log's size (bytes ever written).
 pub const LOG_APPEND: &str = r#"
-local k, off = P .. ':log:' .. ARGV[2], P .. ':logoff:' .. ARGV[2]
-local len = redis.call('APPEND', k, ARGV[3])
-local cap = tonumber(ARGV[4])
-if len > cap then
-  local drop = len - math.floor(cap / 2)
-  redis.call('SET', k, redis.call('GETRANGE', k, drop, -1), 'KEEPTTL')
-  redis.call('INCRBY', off, drop)
-  len = len - drop
-end
-if redis.call('EXISTS', jk(ARGV[2])) == 0 then
-  redis.call('PEXPIRE', k, ARGV[5]); redis.call('PEXPIRE', off, ARGV[5])
-end
-return len + tonumber(redis.call('GET', off) or '0')
+return log_append(ARGV[2], ARGV[3], ARGV[4], ARGV[5])
 "#;
 
 /// ARGV: P, id, event JSON, retention_ms. Appends to a job's history.
 pub const RECORD: &str = r#"
-local k = P .. ':events:' .. ARGV[2]
-redis.call('RPUSH', k, ARGV[3])
-redis.call('LTRIM', k, -1000, -1)
-if redis.call('EXISTS', jk(ARGV[2])) == 0 then redis.call('PEXPIRE', k, ARGV[4]) end
+record(ARGV[2], ARGV[3], ARGV[4])
 return 1
+"#;
+
+/// ARGV: P, id, header, cap, retention_ms, started event JSON. The start of an attempt in one
+/// step: appends the header to the log (as `LOG_APPEND`) and the event to the history (as
+/// `RECORD`). Returns the offset where the header starts. Like those two, it does not check the
+/// lease (the claim was just made) and is not safe to repeat.
+pub const BEGIN_ATTEMPT: &str = r#"
+local id, header = ARGV[2], ARGV[3]
+local size = log_append(id, header, ARGV[4], ARGV[5])
+record(id, ARGV[6], ARGV[5])
+return size - #header
+"#;
+
+/// ARGV: P, id, token, op (ack, retry, bury, release), op's argument (retention_ms, delay_ms,
+/// reason, ''), trailer, cap, retention_ms, event JSON ('' for none). The end of an attempt in
+/// one step: the transition `op` (as `ACK`, `RETRY`, `BURY`, `RELEASE`), then the trailer
+/// appended to the log and the event to the history. Only if `token` still holds the claim:
+/// otherwise nothing is written and it returns 0 (lease lost). A repeat of a call that applied
+/// (its answer lost) finds `op` recorded for the claim and returns 1, writing nothing again.
+pub const END_ATTEMPT: &str = r#"
+local id = ARGV[2]
+local how = ends[ARGV[4]](id, ARGV[3], ARGV[5])
+if how == 'now' then
+  log_append(id, ARGV[6], ARGV[7], ARGV[8])
+  if ARGV[9] ~= '' then record(id, ARGV[9], ARGV[8]) end
+end
+return how and 1 or 0
 "#;
 
 /// ARGV: P, runner id, status JSON. Stamps the registration with the server's time.
