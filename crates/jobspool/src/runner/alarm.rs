@@ -15,6 +15,9 @@ use tokio::time::Instant;
 /// A one-shot timer on `CLOCK_MONOTONIC`, re-armed by every [`Alarm::sleep_until`].
 pub struct Alarm {
     fd: AsyncFd<Timer>,
+    /// The deadline the timer is armed for and has not reported yet: the event loop sleeps
+    /// to the same deadline several times a job, and re-arming it each time is a system call.
+    armed: std::sync::Mutex<Option<Instant>>,
 }
 
 /// `TimerFd` as the raw descriptor `AsyncFd` wants.
@@ -36,7 +39,10 @@ impl Alarm {
         // SAFETY: the AsyncFd owns the Timer, which owns the descriptor, open and unchanged for
         // the AsyncFd's whole life.
         let fd = unsafe { AsyncFd::register(Timer(fd)) }.map_err(|e| e.into_parts().1)?;
-        Ok(Alarm { fd })
+        Ok(Alarm {
+            fd,
+            armed: std::sync::Mutex::new(None),
+        })
     }
 
     /// Returns at `at` (at once when it has passed). Cancel-safe: dropping the future leaves
@@ -46,16 +52,26 @@ impl Alarm {
         if wait.is_zero() {
             return Ok(());
         }
-        // Re-arming also resets an expiry a cancelled sleep left unread.
-        self.fd.get_ref().0.set(
-            Expiration::OneShot(TimeSpec::from_duration(wait)),
-            TimerSetTimeFlags::empty(),
-        )?;
+        {
+            let mut armed = self.armed.lock().unwrap_or_else(|e| e.into_inner());
+            if *armed != Some(at) {
+                // Re-arming also resets an expiry a cancelled sleep left unread.
+                *armed = None;
+                self.fd.get_ref().0.set(
+                    Expiration::OneShot(TimeSpec::from_duration(wait)),
+                    TimerSetTimeFlags::empty(),
+                )?;
+                *armed = Some(at);
+            }
+        }
         loop {
             let mut ready = self.fd.readable().await?;
             let mut count = [0u8; 8];
             match ready.try_io(|fd| nix::unistd::read(fd.get_ref().0.as_fd(), &mut count).map_err(io::Error::from)) {
-                Ok(Ok(_)) => return Ok(()),
+                Ok(Ok(_)) => {
+                    *self.armed.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                    return Ok(());
+                }
                 Ok(Err(e)) => return Err(e),
                 // Readiness left over from an earlier, cancelled sleep: wait for this one.
                 Err(_would_block) => continue,

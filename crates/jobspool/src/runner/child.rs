@@ -306,16 +306,15 @@ impl Handler {
         Ok(())
     }
 
-    /// Kills whatever the exited handler left in its process group, then reaps it.
+    /// Reaps the handler. What it left in its process group should be killed first
+    /// ([`Handler::signal_group`]): once the leader is reaped, its group id can be reused.
     pub fn reap(mut self) -> io::Result<ExitStatus> {
-        self.signal_group(Signal::SIGKILL);
         wait(self.pid.take().expect("reaped once"))
     }
 
     /// [`Handler::reap`] without waiting: the handler is given back if it has not exited yet.
     /// Once [`Handler::exited`] resolved, this reaps it at once, on the caller's thread.
     pub fn try_reap(mut self) -> Result<io::Result<ExitStatus>, Handler> {
-        self.signal_group(Signal::SIGKILL);
         match waitpid(self.pid.expect("reaped once"), libc::WNOHANG) {
             Ok(None) => Err(self),
             reaped => {
