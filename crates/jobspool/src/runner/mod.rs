@@ -372,13 +372,17 @@ pub async fn run_async(store: Arc<dyn Store>, opts: RunnerOptions) -> Result<Run
     // `2 × slots` tasks.
     let (slot_tx, mut slot_rx) = tokio::sync::mpsc::unbounded_channel::<Duration>();
     let mut handlers = 0usize;
-    let can_claim = |handlers: usize, tasks: usize| handlers < opts.slots && tasks < 2 * opts.slots;
+    // Claims run as tasks beside this loop, one per free slot, so that a store with a round
+    // trip per claim (Redis) fills N slots in the time of one round trip, not N, and the loop
+    // goes on reaping handlers meanwhile.
+    let mut claims: JoinSet<Result<Option<(Claim, Opened)>>> = JoinSet::new();
     // While every slot is busy with short jobs, one job is claimed ahead (within the same
     // `2 × slots` claims), to start the moment a slot frees; given back if none frees in time.
-    let mut ahead: Option<Ahead> = None;
+    let mut held: Option<(Claim, Opened, tokio::time::Instant)> = None;
     let hold = AHEAD_HOLD.min(shared.settings.lease / 4);
-    // How long the last handler to end ran, and whether the last claim found a job.
-    let (mut last_ran, mut found_more) = (Duration::MAX, false);
+    // How long the last handler to end ran; whether the last claim found a job; whether this
+    // turn of the loop was woken by a claim that found none (which must not claim again).
+    let (mut last_ran, mut found_more, mut found_none) = (Duration::MAX, false, false);
     let mut running: HashMap<tokio::task::Id, (JobId, u32, Instant)> = HashMap::new();
     let mut report = RunReport::default();
     let mut phase = Phase::Running;
@@ -392,51 +396,50 @@ pub async fn run_async(store: Arc<dyn Store>, opts: RunnerOptions) -> Result<Run
     let mut next_gc = Instant::now() + GC_EVERY;
     let mut paused_until: Option<tokio::time::Instant> = None;
     let mut progress = Progress::new(opts.progress && std::io::stderr().is_terminal());
+    // Starts a claimed job's handler in a free slot.
+    macro_rules! start_job {
+        ($claim:expr, $opened:expr) => {{
+            let (claim, opened): (Claim, Opened) = ($claim, $opened);
+            let (id, attempt) = (claim.lease.id.clone(), claim.lease.attempt);
+            handlers += 1;
+            let slot = Slot(Some(slot_tx.clone()));
+            let handle = jobs.spawn(run_job(Arc::clone(&shared), claim, opened, Some(slot), stop_rx.clone()));
+            running.insert(handle.id(), (id, attempt, Instant::now()));
+        }};
+    }
 
     loop {
         let now = tokio::time::Instant::now();
         if paused_until.is_some_and(|t| t <= now) {
             paused_until = None;
         }
-        // Claim while there are free slots.
+        // Claim for the free slots.
         if phase == Phase::Running && paused_until.is_none() {
-            while can_claim(handlers, jobs.len()) {
-                let claimed = match ahead.take() {
-                    Some(Ahead::Held(claim, opened, _)) => Ok(Some((claim, opened))),
-                    Some(Ahead::Claiming(mut task)) => joined(&mut task).await,
-                    None => claim_next(&shared).await,
-                };
-                found_more = matches!(claimed, Ok(Some(_)));
-                match claimed {
-                    Ok(Some((claim, opened))) => {
-                        let attempt = claim.lease.attempt;
-                        let id = claim.lease.id.clone();
-                        let slot = Slot(Some(slot_tx.clone()));
-                        handlers += 1;
-                        let handle =
-                            jobs.spawn(run_job(Arc::clone(&shared), claim, opened, Some(slot), stop_rx.clone()));
-                        running.insert(handle.id(), (id, attempt, Instant::now()));
-                    }
-                    Ok(None) => break,
-                    Err(e) => {
-                        tracing::error!("claiming failed: {e}; trying again in {}", format_duration(ERROR_PAUSE));
-                        paused_until = Some(now + ERROR_PAUSE);
-                        break;
-                    }
+            // A job claimed ahead takes the first free slot.
+            if handlers < opts.slots {
+                if let Some((claim, opened, _)) = held.take() {
+                    start_job!(claim, opened);
                 }
             }
-            if found_more
-                && ahead.is_none()
-                && paused_until.is_none()
-                && handlers == opts.slots
-                && jobs.len() < 2 * opts.slots
-                && last_ran < hold
-            {
-                // Claimed on a blocking thread while this loop goes on watching the handlers.
-                let sh = Arc::clone(&shared);
-                ahead = Some(Ahead::Claiming(tokio::spawn(async move { claim_next(&sh).await })));
+            let claimed = jobs.len() + claims.len() + usize::from(held.is_some());
+            let free = opts.slots.saturating_sub(handlers + claims.len());
+            // One claim until one finds a job, then one per free slot; while every slot is
+            // busy with short jobs, one ahead.
+            let want = if found_none {
+                0
+            } else if free > 0 {
+                if found_more {
+                    free
+                } else {
+                    usize::from(claims.is_empty())
+                }
+            } else {
+                usize::from(found_more && held.is_none() && claims.is_empty() && last_ran < hold)
+            };
+            for _ in 0..want.min((2 * opts.slots).saturating_sub(claimed)) {
+                claims.spawn(claim_next(Arc::clone(&shared)));
             }
-            if opts.drain && jobs.is_empty() && paused_until.is_none() {
+            if opts.drain && jobs.is_empty() && claims.is_empty() && held.is_none() && paused_until.is_none() {
                 let s = Arc::clone(&store);
                 match blocking(move || s.idle()).await {
                     Ok(idle) if idle.is_idle() => break,
@@ -444,9 +447,10 @@ pub async fn run_async(store: Arc<dyn Store>, opts: RunnerOptions) -> Result<Run
                     Err(e) => tracing::warn!("completion check failed: {e}"),
                 }
             }
-        } else if phase != Phase::Running && jobs.is_empty() && ahead.is_none() {
+        } else if phase != Phase::Running && jobs.is_empty() && claims.is_empty() && held.is_none() {
             break;
         }
+        found_none = false;
 
         // Sleep until something happens.
         let mut wake_at = next_tick;
@@ -455,7 +459,8 @@ pub async fn run_async(store: Arc<dyn Store>, opts: RunnerOptions) -> Result<Run
         }
         // Waiting for a free slot (or for a job's bookkeeping to end) needs no due time: the
         // job's task ending wakes the loop.
-        let claiming = phase == Phase::Running && can_claim(handlers, jobs.len());
+        let claiming =
+            phase == Phase::Running && claims.is_empty() && handlers < opts.slots && jobs.len() < 2 * opts.slots;
         if claiming {
             let s = Arc::clone(&store);
             if let Ok(Some(due)) = blocking(move || s.next_due()).await {
@@ -467,7 +472,7 @@ pub async fn run_async(store: Arc<dyn Store>, opts: RunnerOptions) -> Result<Run
             Phase::Draining(t) | Phase::Terminating(t) => wake_at = wake_at.min(t.into()),
             _ => {}
         }
-        if let Some(Ahead::Held(_, _, until)) = &ahead {
+        if let Some((_, _, until)) = &held {
             wake_at = wake_at.min(*until);
         }
         tokio::select! {
@@ -491,24 +496,24 @@ pub async fn run_async(store: Arc<dyn Store>, opts: RunnerOptions) -> Result<Run
                 progress.show(&report, handlers, opts.slots, false);
             }
             _ = work.notified(), if claiming => {}
-            claimed = async {
-                match &mut ahead {
-                    Some(Ahead::Claiming(task)) => joined(task).await,
-                    _ => std::future::pending().await,
-                }
-            }, if matches!(ahead, Some(Ahead::Claiming(_))) => {
-                ahead = match claimed {
-                    Ok(Some((claim, opened))) => Some(Ahead::Held(claim, opened, tokio::time::Instant::now() + hold)),
-                    Ok(None) => {
-                        found_more = false;
-                        None
+            Some(claimed) = claims.join_next(), if !claims.is_empty() => {
+                match claimed.unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic())) {
+                    Ok(Some((claim, opened))) => {
+                        found_more = true;
+                        if phase == Phase::Running && handlers < opts.slots && held.is_none() {
+                            start_job!(claim, opened);
+                        } else if phase == Phase::Running && held.is_none() {
+                            held = Some((claim, opened, tokio::time::Instant::now() + hold));
+                        } else {
+                            jobs.spawn(run_job(Arc::clone(&shared), claim, opened, None, stop_rx.clone()));
+                        }
                     }
+                    Ok(None) => (found_more, found_none) = (false, true),
                     Err(e) => {
                         tracing::error!("claiming failed: {e}; trying again in {}", format_duration(ERROR_PAUSE));
                         paused_until = Some(tokio::time::Instant::now() + ERROR_PAUSE);
-                        None
                     }
-                };
+                }
             }
             _ = runner_exited.notified() => {
                 reclaim(&shared, &mut report).await;
@@ -541,14 +546,11 @@ pub async fn run_async(store: Arc<dyn Store>, opts: RunnerOptions) -> Result<Run
         // takes it at the top of the loop), or at shutdown.
         let usable = handlers < opts.slots && paused_until.is_none();
         let expired = |until: &tokio::time::Instant| *until <= tokio::time::Instant::now() && !usable;
-        let give_back = match &ahead {
-            Some(Ahead::Held(_, _, until)) => phase != Phase::Running || expired(until),
-            _ => false,
-        };
-        if give_back {
-            let Some(Ahead::Held(claim, opened, _)) = ahead.take() else {
-                unreachable!("checked above")
-            };
+        if held
+            .as_ref()
+            .is_some_and(|(_, _, until)| phase != Phase::Running || expired(until))
+        {
+            let (claim, opened, _) = held.take().expect("checked above");
             jobs.spawn(run_job(Arc::clone(&shared), claim, opened, None, stop_rx.clone()));
             // No claiming ahead again until a handler ends and shows the jobs are short.
             last_ran = Duration::MAX;
@@ -764,27 +766,8 @@ fn tail(bytes: &[u8], lines: usize, max: usize) -> String {
 /// A claimed job's log, opened with the attempt's header written, and where that header starts.
 type Opened = Result<(Box<dyn JobLog>, u64)>;
 
-/// The job claimed ahead of a free slot: being claimed, or held until a deadline.
-// One per runner at most: boxing the larger variant would save nothing.
-#[allow(clippy::large_enum_variant)]
-enum Ahead {
-    Claiming(tokio::task::JoinHandle<Result<Option<(Claim, Opened)>>>),
-    Held(Claim, Opened, tokio::time::Instant),
-}
-
-/// The result of an ahead claim's task (whose panic is the runner's).
-async fn joined(
-    task: &mut tokio::task::JoinHandle<Result<Option<(Claim, Opened)>>>,
-) -> Result<Option<(Claim, Opened)>> {
-    match task.await {
-        Ok(v) => v,
-        Err(e) => std::panic::resume_unwind(e.into_panic()),
-    }
-}
-
 /// Claims a job and opens its attempt's log, in one trip to a blocking thread.
-async fn claim_next(sh: &Arc<Shared>) -> Result<Option<(Claim, Opened)>> {
-    let sh = Arc::clone(sh);
+async fn claim_next(sh: Arc<Shared>) -> Result<Option<(Claim, Opened)>> {
     blocking(move || {
         let Some(claim) = sh.store.claim(sh.settings.lease)? else {
             return Ok(None);
