@@ -356,3 +356,41 @@ fn an_idle_redis_runner_sleeps_and_wakes_at_once_on_a_push() {
     assert!(run(&["init", &q]).status.success());
     an_idle_runner_sleeps_and_wakes_at_once(&q, d.path());
 }
+
+/// With several slots, a runner's requests to Redis failed with EINTR a few times a second:
+/// the SIGCHLD of a handler that exited while the runner was starting another (every signal
+/// blocked) was queued, then delivered to a thread blocked reading its Redis socket, and a
+/// socket read with a timeout is not restarted. Each failure cost a pause or a resend and a
+/// new connection. A busy runner must make no request that fails and open few connections.
+#[test]
+fn a_runner_with_several_slots_has_no_redis_request_interrupted_by_its_handlers_exits() {
+    let Some(server) = RedisServer::start() else { return };
+    let q = server.url("busy");
+    let qs = q.as_str();
+    let jobs: String = (0..400).map(|i| format!("{i}\n")).collect();
+    let mut p = cmd(&["push", qs, "--batch"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    p.stdin.take().unwrap().write_all(jobs.as_bytes()).unwrap();
+    assert!(p.wait().unwrap().success());
+    let connections = || -> u64 {
+        let info = server.command(&["INFO", "stats"]).unwrap();
+        info.lines()
+            .find_map(|l| l.strip_prefix("total_connections_received:"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let before = connections();
+    let o = run(&["run", qs, "--drain", "-j", "4", "--", "true"]);
+    let opened = connections() - before;
+    let err = stderr(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(!err.contains("Interrupted system call"), "{err}");
+    assert!(!err.contains("failed"), "{err}");
+    assert!(opened <= 20, "the runner opened {opened} connections for 400 jobs");
+    assert_eq!(counts(qs), (0, 0, 0, 0));
+}

@@ -237,6 +237,14 @@ impl Handler {
             let mut all: libc::sigset_t = std::mem::zeroed();
             let mut old: libc::sigset_t = std::mem::zeroed();
             libc::sigfillset(&mut all);
+            // Except SIGCHLD. An ignored signal is dropped when it is sent, but not while the
+            // thread it is sent to (the one that started the exiting handler: this one) blocks
+            // it: then it is queued and delivered to any other thread, whose blocking system
+            // call it interrupts, and a socket read with a timeout fails with EINTR instead of
+            // restarting (Redis requests failed that way, a few times a second with two slots).
+            // Nothing sends SIGCHLD to the child before it resets its dispositions: it has no
+            // children yet.
+            libc::sigdelset(&mut all, libc::SIGCHLD);
             libc::syscall(libc::SYS_rt_sigprocmask, libc::SIG_SETMASK, &all, &mut old, 8usize);
             let pid = libc::clone(
                 child_main,
