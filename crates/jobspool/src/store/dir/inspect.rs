@@ -116,7 +116,9 @@ impl DirStore {
         Ok(s)
     }
 
-    pub(super) fn observe_idle(&self) -> Result<Idle> {
+    /// Locks `running/` exclusively: no claim and no move back to `ready/` (which hold it
+    /// shared) happens until the lock is dropped, so a job is seen in exactly one folder.
+    pub(super) fn lock_running_exclusive(&self) -> Result<Flock<OwnedFd>> {
         let fd = self
             .d
             .running
@@ -124,16 +126,20 @@ impl DirStore {
             .map_err(|e| Error::io(&self.d.running.path, "opening", e))?;
         let deadline = std::time::Instant::now() + IDLE_LOCK_WAIT;
         let mut fd = fd;
-        let _held = loop {
+        loop {
             match Flock::lock(fd, FlockArg::LockExclusiveNonblock) {
-                Ok(l) => break l,
+                Ok(l) => return Ok(l),
                 Err((back, Errno::EWOULDBLOCK)) if std::time::Instant::now() < deadline => {
                     fd = back;
                     std::thread::sleep(Duration::from_millis(1));
                 }
-                Err((_, e)) => return Err(Error::io(&self.d.running.path, "locking for a completion check", e)),
+                Err((_, e)) => return Err(Error::io(&self.d.running.path, "locking for a consistent look", e)),
             }
-        };
+        }
+    }
+
+    pub(super) fn observe_idle(&self) -> Result<Idle> {
+        let _held = self.lock_running_exclusive()?;
         let now = now_ms();
         let mut idle = Idle::default();
         self.each_entry(&self.d.ready, |name, _| {
