@@ -646,6 +646,7 @@ impl RedisStore {
             since: num("since").unwrap_or(0),
             runner,
             expires: if state == State::Running { expires } else { None },
+            lease_ms: num("lease_ms").filter(|_| state == State::Running),
             reason: get("reason"),
             job: if bodies { job } else { None },
         })
