@@ -68,9 +68,10 @@ impl DirStore {
     /// network file system), and a repeat would then find the claim's name gone and take the
     /// holder's own ack for a stolen lease. So, unless the error is ENOENT (the name was gone
     /// before the call), a name now gone is looked into: the job where this transition puts it
-    /// (at `to`, or, for an ack, in no folder at all) means the call applied; the job in the
-    /// queue elsewhere means the lease was taken meanwhile, and is lost. A job moved to `ready/`
-    /// and claimed again before this look is not recognised: the error stands, as before.
+    /// (at `to` under a lease not yet expired, or, for an ack, in no folder at all) means the call
+    /// applied; the job in the queue elsewhere means the lease was taken meanwhile, and is lost.
+    /// A job moved to `ready/` and claimed again before this look, or whose lease has expired by
+    /// now, is not recognised: the error stands, as before.
     fn settle(&self, lease: &Lease, what: &'static str, e: io::Error, to: Option<(&Dir, &str)>) -> Result<()> {
         let gone = || {
             matches!(
@@ -85,7 +86,16 @@ impl DirStore {
         if errno(&e) != Some(Errno::ENOENT) && gone() {
             match to {
                 Some((dir, name)) => {
-                    if nix::sys::stat::fstatat(dir.fd(), name, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW).is_ok() {
+                    // A reclaimer can make the very same name (a retry due now, a bury, in the
+                    // same millisecond as its reclaim), but only of an expired lease: the name
+                    // there under a lease still valid by its mtime (the last heartbeat, which a
+                    // rename keeps) can only be this call's.
+                    let unexpired = self
+                        .lease_name(lease)
+                        .ok()
+                        .zip(self.mtime_ms(dir, OsStr::new(name)))
+                        .is_some_and(|(r, mtime)| now_ms() < r.expires(mtime));
+                    if unexpired {
                         return Ok(());
                     }
                 }
