@@ -348,6 +348,27 @@ fn a_corrupt_job_in_redis_is_quarantined_with_its_reason_and_never_run() {
     assert_eq!(stats_of(qs)["quarantined"], 0);
 }
 
+/// `check` judges a claim's expiry by the lease it was made with (kept with the job), not by
+/// the queue's (30 s by default).
+#[test]
+fn check_judges_long_expired_leases_by_each_claims_own_lease_on_redis() {
+    let Some(server) = RedisServer::start() else { return };
+    let q = server.url("ownlease");
+    let qs = q.as_str();
+    push_to(qs, &["--id", "stuck", "--payload", "x"]);
+    let mut r = spawn(&["run", qs, "--lease", "300ms", "--", "sleep", "600"]);
+    wait_for("the job to be claimed", LONG, || counts(qs).2 == 1);
+    signal(&r, Signal::SIGKILL);
+    r.wait().unwrap();
+    std::thread::sleep(Duration::from_millis(1000));
+    let o = run(&["check", qs]);
+    assert!(
+        stdout(&o).contains("1 running job(s) with long-expired leases"),
+        "{}",
+        stdout(&o)
+    );
+}
+
 #[test]
 fn an_idle_redis_runner_sleeps_and_wakes_at_once_on_a_push() {
     let Some(server) = RedisServer::start() else { return };

@@ -587,6 +587,29 @@ fn check_is_critical_for_long_expired_leases_with_no_live_runner() {
     assert!(stdout(&o).contains("running=1"), "{}", stdout(&o));
 }
 
+/// `check` took "long expired" to mean past expiry by one more of the *queue's* lease: a claim
+/// made under a shorter lease of its own (`run --lease`) was not reported for as long as the
+/// queue's lease (30 s by default). Each claim is judged by the lease it was made with.
+#[test]
+fn check_judges_long_expired_leases_by_each_claims_own_lease() {
+    let (_d, q) = queue();
+    let qs = q_str(&q);
+    push(&q, &["--id", "stuck", "--payload", "x"]);
+    // The queue keeps its default lease (30 s); this runner claims for 300 ms.
+    let mut r = spawn(&["run", qs, "--lease", "300ms", "--", "sleep", "600"]);
+    wait_for("the job to be claimed", LONG, || count(&q, "running") == 1);
+    signal(&r, Signal::SIGKILL);
+    r.wait().unwrap();
+    std::thread::sleep(Duration::from_millis(1000));
+    let o = run(&["check", qs]);
+    assert_eq!(o.status.code(), Some(2), "{}", stdout(&o));
+    assert!(
+        stdout(&o).contains("1 running job(s) with long-expired leases"),
+        "{}",
+        stdout(&o)
+    );
+}
+
 #[test]
 fn jobs_removed_while_running_are_stopped_at_the_next_heartbeat() {
     let (_d, q) = queue();

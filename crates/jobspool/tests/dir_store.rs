@@ -565,3 +565,72 @@ fn a_transient_read_error_while_reclaiming_leaves_the_claim_for_later() {
     assert_eq!(store.reclaim(5).unwrap().len(), 1, "taken back on the next pass");
     assert!(store.claim(LEASE).unwrap().is_some());
 }
+
+/// An ack, retry, bury or release whose call took effect but reported an error (the answer lost
+/// on its way back) is the holder's own transition, not a stolen lease: the store answers it as
+/// done, and a repeat never turns it into `LeaseLost`.
+#[test]
+fn a_transition_applied_but_reported_failed_is_not_a_lost_lease() {
+    type Op = fn(&DirStore, &jobspool::store::Lease) -> jobspool::Result<()>;
+    let ops: [(&str, &'static str, &str, Op); 4] = [
+        ("ack", "unlink", "", |s, l| s.ack(l)),
+        ("retry", "rename", "ready", |s, l| s.retry(l, Duration::ZERO)),
+        ("bury", "rename", "dead", |s, l| s.bury(l, "no")),
+        ("release", "rename", "ready", |s, l| s.release(l)),
+    ];
+    for (what, op, lands_in, call) in ops {
+        let (_d, q) = queue();
+        let store = DirStore::open(&q, false).unwrap();
+        store.push(&NewJob::new("x")).unwrap();
+        let claim = store.claim(LEASE).unwrap().unwrap();
+        // The claim's own rename is behind us: the next call of `op` is the transition's.
+        let (_fs, faulty) = faulty(&q, FaultFs::failing_after(op, 1, nix::libc::EIO));
+        let r = call(&faulty, &claim.lease);
+        assert!(r.is_ok(), "{what} applied, reported EIO: {r:?}");
+        assert!(names(&q, "running").is_empty(), "{what}");
+        if !lands_in.is_empty() {
+            assert_eq!(names(&q, lands_in).len(), 1, "{what}");
+        }
+    }
+}
+
+/// A stolen lease is never taken for the holder's own transition when the holder's call fails:
+/// the name is gone because a reclaimer moved the job, which is still in the queue.
+#[test]
+fn a_failed_transition_of_a_stolen_lease_is_not_taken_for_applied() {
+    let (_d, q) = queue();
+    let a = DirStore::open(&q, false).unwrap();
+    let b = DirStore::open(&q, false).unwrap();
+    a.push(&NewJob::new("x").max_attempts(5)).unwrap();
+    let stale = a.claim(Duration::from_millis(50)).unwrap().unwrap();
+    std::thread::sleep(Duration::from_millis(120));
+    assert_eq!(b.reclaim(5).unwrap().len(), 1);
+    let (_fs, faulty_a) = faulty(&q, FaultFs::failing("unlink", 1, nix::libc::EIO));
+    let r = faulty_a.ack(&stale.lease);
+    assert!(matches!(r, Err(Error::LeaseLost { .. })), "ack: {r:?}");
+    let (_fs, faulty_a) = faulty(&q, FaultFs::failing("rename", 1, nix::libc::EIO));
+    let r = faulty_a.retry(&stale.lease, Duration::ZERO);
+    assert!(r.is_err(), "retry: {r:?}");
+    assert_eq!(names(&q, "ready").len(), 1);
+}
+
+/// The runner's ack reported EIO after its unlink took effect, and the outcome was recorded
+/// again: the history said "lease lost" for a job that was done.
+#[test]
+fn a_retried_ack_whose_first_try_applied_is_recorded_done_not_lease_lost() {
+    use jobspool::runner::{self, Handler, RunnerOptions};
+    use jobspool::store::EventKind;
+    let (_d, q) = queue();
+    let id = DirStore::open(&q, false).unwrap().push(&NewJob::new("x")).unwrap();
+    let (_fs, store) = faulty(&q, FaultFs::failing_after("unlink", 1, nix::libc::EIO));
+    let store: Arc<dyn Store> = Arc::new(store);
+    let mut o = RunnerOptions::new(Handler::Function(Arc::new(|_| Ok(()))));
+    o.slots = 1;
+    o.drain = true;
+    let report = runner::run(Arc::clone(&store), o).unwrap();
+    assert_eq!((report.done, report.lease_lost), (1, 0), "{report:?}");
+    let history = store.finished(&id).unwrap().expect("a done job keeps its history");
+    let kinds: Vec<EventKind> = history.iter().map(|e| e.kind).collect();
+    assert!(kinds.contains(&EventKind::Done), "{kinds:?}");
+    assert!(!kinds.contains(&EventKind::LeaseLost), "{kinds:?}");
+}

@@ -102,11 +102,16 @@ fn check_status(a: &CheckArgs) -> Result<(Level, String)> {
     let runners = store.runners()?;
     let live = runners.iter().filter(|r| r.alive).count() as u64;
     let now = now_ms();
-    let lease_ms = store.config().lease.as_millis() as u64;
+    // "Long expired": past expiry by one more lease — the claim's own, which the runner that
+    // made it chose (`run --lease`), else the queue's.
+    let queue_lease_ms = store.config().lease.as_millis() as u64;
     let expired: Vec<_> = store
         .list(&[State::Running], false)?
         .into_iter()
-        .filter(|j| j.expires.is_some_and(|e| now > e.saturating_add(lease_ms)))
+        .filter(|j| {
+            let lease_ms = j.lease_ms.unwrap_or(queue_lease_ms);
+            j.expires.is_some_and(|e| now > e.saturating_add(lease_ms))
+        })
         .collect();
     let oldest = s.oldest_ready.map(|t| now.saturating_sub(t));
     let mut problems: Vec<(Level, String)> = Vec::new();

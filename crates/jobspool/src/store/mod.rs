@@ -68,6 +68,10 @@ pub struct JobInfo {
     /// When a running job's lease expires unless heartbeated.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub expires: Option<Millis>,
+    /// A running job's lease duration in milliseconds: the one its claim was made with (each
+    /// claim carries its own, which may differ from the queue's).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lease_ms: Option<u64>,
     /// For quarantined entries: why.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,

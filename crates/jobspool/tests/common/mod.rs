@@ -9,7 +9,8 @@ use std::sync::Mutex;
 use jobspool::store::dir::fs::{Dir, Fs, Kind, RealFs};
 
 /// Records every call as `op folder/name`, and fails the `nth` call of `op` (1-based) with
-/// `errno` — once, or from then on when `sticky`.
+/// `errno` — once, or from then on when `sticky`. With `after`, the faulted call is made first
+/// and its error reported after it took effect (an answer lost on its way back).
 #[derive(Default)]
 pub struct FaultFs {
     pub log: Mutex<Vec<String>>,
@@ -23,6 +24,7 @@ pub struct Fault {
     pub errno: i32,
     pub sticky: bool,
     pub seen: usize,
+    pub after: bool,
 }
 
 impl FaultFs {
@@ -35,8 +37,18 @@ impl FaultFs {
                 errno,
                 sticky: false,
                 seen: 0,
+                after: false,
             })),
         }
+    }
+
+    /// [`FaultFs::failing`], with the call applied before its error is reported.
+    pub fn failing_after(op: &'static str, nth: usize, errno: i32) -> FaultFs {
+        let fs = FaultFs::failing(op, nth, errno);
+        if let Some(f) = fs.fault.lock().unwrap().as_mut() {
+            f.after = true;
+        }
+        fs
     }
 
     pub fn calls(&self) -> Vec<String> {
@@ -48,6 +60,12 @@ impl FaultFs {
     }
 
     fn call(&self, op: &'static str, dir: &Dir, name: Option<&OsStr>) -> io::Result<()> {
+        self.faulted(op, dir, name).map(|_| ())
+    }
+
+    /// Records the call; `Err` to fail it before it is made, `Ok(Some(errno))` to make it and
+    /// then report `errno`.
+    fn faulted(&self, op: &'static str, dir: &Dir, name: Option<&OsStr>) -> io::Result<Option<i32>> {
         let entry = match name {
             Some(n) => format!("{op} {}/{}", dir.name, n.to_string_lossy()),
             None => format!("{op} {}", dir.name),
@@ -58,11 +76,30 @@ impl FaultFs {
             if f.op == op {
                 f.seen += 1;
                 if f.seen == f.nth || (f.sticky && f.seen > f.nth) {
+                    if f.after {
+                        return Ok(Some(f.errno));
+                    }
                     return Err(io::Error::from_raw_os_error(f.errno));
                 }
             }
         }
-        Ok(())
+        Ok(None)
+    }
+
+    /// Makes a call, faulted before or after it as set up.
+    fn apply<T>(
+        &self,
+        op: &'static str,
+        dir: &Dir,
+        name: Option<&OsStr>,
+        f: impl FnOnce() -> io::Result<T>,
+    ) -> io::Result<T> {
+        let late = self.faulted(op, dir, name)?;
+        let r = f()?;
+        match late {
+            Some(errno) => Err(io::Error::from_raw_os_error(errno)),
+            None => Ok(r),
+        }
     }
 }
 
@@ -88,18 +125,19 @@ impl Fs for FaultFs {
         RealFs.syncfs(dir)
     }
     fn rename(&self, from: &Dir, name: &OsStr, to: &Dir, new: &OsStr, noreplace: bool) -> io::Result<()> {
-        self.call("rename", from, Some(name))?;
+        let late = self.faulted("rename", from, Some(name));
         self.log
             .lock()
             .unwrap()
             .last_mut()
             .unwrap()
             .push_str(&format!(" -> {}/{}", to.name, new.to_string_lossy()));
-        RealFs.rename(from, name, to, new, noreplace)
+        let late = late?;
+        RealFs.rename(from, name, to, new, noreplace)?;
+        late.map_or(Ok(()), |errno| Err(io::Error::from_raw_os_error(errno)))
     }
     fn unlink(&self, dir: &Dir, name: &OsStr, is_dir: bool) -> io::Result<()> {
-        self.call("unlink", dir, Some(name))?;
-        RealFs.unlink(dir, name, is_dir)
+        self.apply("unlink", dir, Some(name), || RealFs.unlink(dir, name, is_dir))
     }
     fn touch(&self, dir: &Dir, name: &OsStr) -> io::Result<()> {
         self.call("touch", dir, Some(name))?;

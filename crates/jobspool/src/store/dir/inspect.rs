@@ -33,6 +33,7 @@ impl DirStore {
                 priority: n.priority,
                 since: n.claimed,
                 expires: Some(n.expires(self.mtime_ms(&self.d.running, name).unwrap_or(0))),
+                lease_ms: Some(n.lease_ms),
                 runner: Some(n.runner),
                 reason: None,
                 job: None,
@@ -49,6 +50,7 @@ impl DirStore {
                 priority: n.priority,
                 since: n.at,
                 expires: None,
+                lease_ms: None,
                 runner: None,
                 reason: None,
                 job: None,
@@ -116,7 +118,9 @@ impl DirStore {
         Ok(s)
     }
 
-    pub(super) fn observe_idle(&self) -> Result<Idle> {
+    /// Locks `running/` exclusively: no claim and no move back to `ready/` (which hold it
+    /// shared) happens until the lock is dropped, so a job is seen in exactly one folder.
+    pub(super) fn lock_running_exclusive(&self) -> Result<Flock<OwnedFd>> {
         let fd = self
             .d
             .running
@@ -124,16 +128,20 @@ impl DirStore {
             .map_err(|e| Error::io(&self.d.running.path, "opening", e))?;
         let deadline = std::time::Instant::now() + IDLE_LOCK_WAIT;
         let mut fd = fd;
-        let _held = loop {
+        loop {
             match Flock::lock(fd, FlockArg::LockExclusiveNonblock) {
-                Ok(l) => break l,
+                Ok(l) => return Ok(l),
                 Err((back, Errno::EWOULDBLOCK)) if std::time::Instant::now() < deadline => {
                     fd = back;
                     std::thread::sleep(Duration::from_millis(1));
                 }
-                Err((_, e)) => return Err(Error::io(&self.d.running.path, "locking for a completion check", e)),
+                Err((_, e)) => return Err(Error::io(&self.d.running.path, "locking for a consistent look", e)),
             }
-        };
+        }
+    }
+
+    pub(super) fn observe_idle(&self) -> Result<Idle> {
+        let _held = self.lock_running_exclusive()?;
         let now = now_ms();
         let mut idle = Idle::default();
         self.each_entry(&self.d.ready, |name, _| {
@@ -214,6 +222,7 @@ pub(super) fn parse_quarantine_name(name: &OsStr) -> JobInfo {
         priority: 0,
         since,
         expires: None,
+        lease_ms: None,
         runner: None,
         reason: reason.map(|r| format!("{r} (from {from}/)")),
         job: None,

@@ -50,14 +50,73 @@ impl DirStore {
 
     /// Renames the claim `lease` to `to` in `dir`.
     pub(super) fn move_lease(&self, lease: &Lease, dir: &Dir, to: &str, what: &'static str) -> Result<()> {
-        let _tx = if std::ptr::eq(dir, &self.d.ready) {
-            Some(self.tx_shared()?)
-        } else {
-            None
+        let moved = {
+            let _tx = if std::ptr::eq(dir, &self.d.ready) {
+                Some(self.tx_shared()?)
+            } else {
+                None
+            };
+            self.fs
+                .rename(&self.d.running, OsStr::new(&lease.token), dir, OsStr::new(to), true)
         };
-        self.fs
-            .rename(&self.d.running, OsStr::new(&lease.token), dir, OsStr::new(to), true)
-            .map_err(|e| self.lease_error(lease, what, e))
+        moved.or_else(|e| self.settle(lease, what, e, Some((dir, to))))
+    }
+
+    /// What a transition whose call failed with `e` did: `Ok` when it took effect all the same.
+    ///
+    /// A call can fail after it made its change (the error comes back on the way out, as from a
+    /// network file system), and a repeat would then find the claim's name gone and take the
+    /// holder's own ack for a stolen lease. So, unless the error is ENOENT (the name was gone
+    /// before the call), a name now gone is looked into: the job where this transition puts it
+    /// (at `to` under a lease not yet expired, or, for an ack, in no folder at all) means the call
+    /// applied; the job in the queue elsewhere means the lease was taken meanwhile, and is lost.
+    /// A job moved to `ready/` and claimed again before this look, or whose lease has expired by
+    /// now, is not recognised: the error stands, as before.
+    fn settle(&self, lease: &Lease, what: &'static str, e: io::Error, to: Option<(&Dir, &str)>) -> Result<()> {
+        let gone = || {
+            matches!(
+                nix::sys::stat::fstatat(
+                    self.d.running.fd(),
+                    lease.token.as_str(),
+                    nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+                ),
+                Err(Errno::ENOENT)
+            )
+        };
+        if errno(&e) != Some(Errno::ENOENT) && gone() {
+            match to {
+                Some((dir, name)) => {
+                    // A reclaimer can make the very same name (a retry due now, a bury, in the
+                    // same millisecond as its reclaim), but only of an expired lease: the name
+                    // there under a lease still valid by its mtime (the last heartbeat, which a
+                    // rename keeps) can only be this call's.
+                    let unexpired = self
+                        .lease_name(lease)
+                        .ok()
+                        .zip(self.mtime_ms(dir, OsStr::new(name)))
+                        .is_some_and(|(r, mtime)| now_ms() < r.expires(mtime));
+                    if unexpired {
+                        return Ok(());
+                    }
+                }
+                None => {
+                    // Under the exclusive lock a job moving between folders cannot be missed.
+                    let found = self
+                        .lock_running_exclusive()
+                        .and_then(|_held| self.find(lease.id.as_str()));
+                    match found {
+                        Ok(None) => return Ok(()),
+                        Ok(Some(_)) => {
+                            return Err(Error::LeaseLost {
+                                id: lease.id.to_string(),
+                            });
+                        }
+                        Err(_) => {}
+                    }
+                }
+            }
+        }
+        Err(self.lease_error(lease, what, e))
     }
 
     pub(super) fn claim_next(&self, lease: Duration) -> Result<Option<Claim>> {
@@ -168,7 +227,7 @@ impl DirStore {
         self.lease_name(lease)?;
         self.fs
             .unlink(&self.d.running, OsStr::new(&lease.token), false)
-            .map_err(|e| self.lease_error(lease, "acknowledging", e))
+            .or_else(|e| self.settle(lease, "acknowledging", e, None))
     }
 
     pub(super) fn retry_lease(&self, lease: &Lease, delay: Duration) -> Result<()> {
