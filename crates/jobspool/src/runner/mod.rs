@@ -727,9 +727,10 @@ async fn reclaim(sh: &Arc<Shared>, report: &mut RunReport) {
 const OUTCOME_PATIENCE: Duration = Duration::from_secs(60);
 
 /// Records an outcome, trying again with backoff while the store fails for reasons other than
-/// a lost lease, for up to `patience`. Repeating is safe: a transition whose first try was
-/// applied but whose answer was lost finds the lease gone and is refused as `LeaseLost`; a
-/// transition tried after the lease expired and the job was reclaimed is refused the same way.
+/// a lost lease, for up to `patience`. Repeating is safe: a store recognises a transition whose
+/// first try was applied but reported failed (the directory store by where the job now is,
+/// Redis by the outcome it keeps for each claim) and reports it done; a transition tried after
+/// the lease expired and the job was reclaimed is refused as `LeaseLost`.
 fn persist(id: &JobId, patience: Duration, mut transition: impl FnMut() -> Result<()>) -> Result<()> {
     let started = Instant::now();
     let mut pause = Duration::from_millis(100);
