@@ -946,3 +946,56 @@ fn a_job_claimed_ahead_behind_a_long_one_goes_back_once_unstarted_and_uncounted(
         "{shown}"
     );
 }
+
+/// A runner out of descriptors failed every job it claimed, one attempt after another, until
+/// each was dead. The shortage is the runner's, not the job's: the job goes back to ready
+/// unstarted and uncounted, and the runner pauses its claims and says why.
+#[test]
+fn a_runner_out_of_descriptors_gives_jobs_back_uncounted_instead_of_failing_them() {
+    use std::os::unix::process::CommandExt;
+    let (d, q) = queue();
+    let qs = q_str(&q);
+    // How many descriptors an idle runner holds.
+    let mut idle = spawn(&["run", qs, "--", "cat"]);
+    wait_for("registration", LONG, || count(&q, "runners") == 1);
+    let held = std::fs::read_dir(format!("/proc/{}/fd", idle.id())).unwrap().count() as u64;
+    signal(&idle, Signal::SIGTERM);
+    assert_eq!(wait_exit(&mut idle, LONG).and_then(|s| s.code()), Some(0));
+
+    push(&q, &["--id", "j1", "--max-attempts", "2", "--payload", "hi"]);
+    // Room for the job's log, not for what starting its handler needs besides.
+    let limit = held + 2;
+    let log = d.path().join("runner.err");
+    let mut c = cmd(&["run", qs, "--", "cat"]);
+    c.stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap());
+    // SAFETY: setrlimit is async-signal-safe; the limits are plain integers.
+    unsafe {
+        c.pre_exec(move || {
+            let l = nix::libc::rlimit {
+                rlim_cur: limit,
+                rlim_max: limit,
+            };
+            if nix::libc::setrlimit(nix::libc::RLIMIT_NOFILE, &l) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut r = c.spawn().unwrap();
+    let gave_back = || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("the runner could not start the handler") && l.contains("claiming again in"))
+            .count()
+    };
+    // Three give-backs: two failed attempts would already have made the job dead.
+    wait_for("the job to be given back three times", LONG, || gave_back() >= 3);
+    signal(&r, Signal::SIGTERM);
+    assert_eq!(wait_exit(&mut r, LONG).and_then(|s| s.code()), Some(0));
+    let s = stats(&q);
+    assert_eq!((s["ready"].as_u64(), s["dead"].as_u64()), (Some(1), Some(0)), "{s}");
+    let shown = stdout(&run(&["show", qs, "j1"]));
+    assert!(shown.contains("attempts:     0"), "{shown}");
+}

@@ -493,6 +493,11 @@ pub async fn run_async(store: Arc<dyn Store>, opts: RunnerOptions) -> Result<Run
                     Err(e) => std::panic::resume_unwind(e.into_panic()),
                 };
                 account(&end, &mut report);
+                if matches!(end.ended, Ended::NoResources(_)) {
+                    // Claiming more would only hand more jobs to a runner that cannot start them.
+                    tracing::error!("{}; claiming again in {}", end.ended.describe(), format_duration(ERROR_PAUSE));
+                    paused_until = Some(tokio::time::Instant::now() + ERROR_PAUSE);
+                }
                 progress.show(&report, handlers, opts.slots, false);
             }
             _ = work.notified(), if claiming => {}
@@ -983,19 +988,40 @@ async fn supervise_command(
     // Output goes straight into the log file when the store has one; else through a pipe.
     let direct = match log.child_output() {
         Ok(f) => f,
-        Err(e) => return (Ended::SpawnFailed(e.to_string()), log),
+        Err(e) => {
+            let errno = match &e {
+                Error::Io { source, .. } => source.raw_os_error(),
+                _ => None,
+            };
+            return (Ended::not_started(e.to_string(), errno), log);
+        }
     };
     let (stdout, stderr, pipe_read) = match direct {
         Some(file) => match file.try_clone() {
             Ok(f2) => (OwnedFd::from(file), OwnedFd::from(f2), None),
-            Err(e) => return (Ended::SpawnFailed(e.to_string()), log),
+            Err(e) => {
+                return (
+                    Ended::not_started(format!("duplicating the log descriptor: {e}"), e.raw_os_error()),
+                    log,
+                );
+            }
         },
         None => match nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC) {
             Ok((r, w)) => match w.try_clone() {
                 Ok(w2) => (w, w2, Some(r)),
-                Err(e) => return (Ended::SpawnFailed(e.to_string()), log),
+                Err(e) => {
+                    return (
+                        Ended::not_started(format!("duplicating the output pipe: {e}"), e.raw_os_error()),
+                        log,
+                    );
+                }
             },
-            Err(e) => return (Ended::SpawnFailed(e.to_string()), log),
+            Err(e) => {
+                return (
+                    Ended::not_started(format!("creating the output pipe: {e}"), Some(e as i32)),
+                    log,
+                );
+            }
         },
     };
     let payload = job.payload;
@@ -1007,7 +1033,12 @@ async fn supervise_command(
     } else {
         match payload_file(&payload) {
             Ok(f) => Some(OwnedFd::from(f)),
-            Err(e) => return (Ended::SpawnFailed(format!("writing the payload: {e}")), log),
+            Err(e) => {
+                return (
+                    Ended::not_started(format!("writing the payload: {e}"), e.raw_os_error()),
+                    log,
+                );
+            }
         }
     };
     // The handler registers its group with the guardian itself, before exec, in a cell of the
@@ -1033,7 +1064,7 @@ async fn supervise_command(
         Ok(h) => h,
         Err(e) => {
             let program = argv[0].to_string_lossy().into_owned();
-            return (Ended::SpawnFailed(format!("{program}: {e}")), log);
+            return (Ended::not_started(format!("{program}: {e}"), e.raw_os_error()), log);
         }
     };
     // Copy piped output into the log on a blocking thread; a log the handler writes to

@@ -7,10 +7,13 @@
 //! | exit 100 | dead now (permanent failure) |
 //! | any other exit, a signal, the timeout, a failure to start | retried after backoff; dead when attempts are exhausted |
 //! | the runner stopped it while shutting down | released: back to ready, attempt not counted |
+//! | the runner could not start it for want of processes, memory or descriptors | released: back to ready, attempt not counted; the runner pauses its claims |
 //! | claimed ahead, and no slot came free in time | released: back to ready, attempt not counted |
 //! | its lease was lost | nothing: the job belongs to another claimer now |
 
 use std::time::Duration;
+
+use nix::libc;
 
 use crate::config::Backoff;
 
@@ -30,6 +33,9 @@ pub enum Ended {
     TimedOut(Duration),
     /// The handler could not be started.
     SpawnFailed(String),
+    /// The handler could not be started because the runner ran out of processes, memory or
+    /// descriptors: nothing to do with the job.
+    NoResources(String),
     /// A handler function (library) returned a failure.
     Failed(String),
     /// The runner stopped the handler because it is shutting down.
@@ -55,11 +61,25 @@ impl Ended {
             Ended::Signal(s) => format!("killed by {s}"),
             Ended::TimedOut(d) => format!("timed out after {}", crate::config::format_duration(*d)),
             Ended::SpawnFailed(e) => format!("could not start the handler: {e}"),
+            Ended::NoResources(e) => format!("the runner could not start the handler: {e}"),
             Ended::Failed(e) => format!("failed: {e}"),
             Ended::Stopped => "stopped by the runner's shutdown".into(),
             Ended::GivenBack => "claimed ahead of a free slot and given back unstarted".into(),
             Ended::LeaseLost => "lease lost".into(),
             Ended::Refused(why) => why.clone(),
+        }
+    }
+}
+
+impl Ended {
+    /// A handler that could not be started (`what` says which step failed and why): the
+    /// runner's own shortage of processes, memory or descriptors (`errno` EAGAIN, ENOMEM,
+    /// EMFILE, ENFILE) is no fault of the job and must not use up its attempts; anything else
+    /// (the program is missing, not executable…) fails the attempt.
+    pub fn not_started(what: String, errno: Option<i32>) -> Ended {
+        match errno {
+            Some(libc::EAGAIN | libc::ENOMEM | libc::EMFILE | libc::ENFILE) => Ended::NoResources(what),
+            _ => Ended::SpawnFailed(what),
         }
     }
 }
@@ -99,7 +119,7 @@ pub fn decide(ended: &Ended, attempt: u32, max_attempts: u32, backoff: &Backoff,
     };
     match ended {
         Ended::Exit(0) => Decision::Ack,
-        Ended::Stopped | Ended::GivenBack => Decision::Release,
+        Ended::Stopped | Ended::GivenBack | Ended::NoResources(_) => Decision::Release,
         Ended::LeaseLost => Decision::Abandon,
         Ended::Exit(EXIT_PERMANENT) | Ended::Refused(_) => Decision::Bury {
             reason: with_output(format!("{} on attempt {attempt}", ended.describe())),
@@ -146,6 +166,10 @@ mod tests {
         ));
         assert_eq!(decide(&Ended::Stopped, 1, 3, &b(), ""), Decision::Release);
         assert_eq!(decide(&Ended::GivenBack, 1, 3, &b(), ""), Decision::Release);
+        assert_eq!(
+            decide(&Ended::NoResources("fork".into()), 3, 3, &b(), ""),
+            Decision::Release
+        );
         assert_eq!(decide(&Ended::LeaseLost, 3, 3, &b(), ""), Decision::Abandon);
         match decide(&Ended::Exit(100), 1, 3, &b(), "boom\n") {
             Decision::Bury { reason } => {
@@ -160,6 +184,22 @@ mod tests {
         match decide(&Ended::Exit(75), 3, 3, &b(), "") {
             Decision::Bury { reason } => assert!(reason.starts_with("exit 75 (temporary failure) on attempt 3 of 3")),
             d => panic!("{d:?}"),
+        }
+    }
+
+    /// A runner out of descriptors or processes used to fail every job it claimed, until each
+    /// was dead; only the handler's own failures to start count against the job.
+    #[test]
+    fn a_handler_the_runner_had_no_resources_to_start_is_given_back_not_failed() {
+        for errno in [libc::EAGAIN, libc::ENOMEM, libc::EMFILE, libc::ENFILE] {
+            let ended = Ended::not_started("x".into(), Some(errno));
+            assert!(matches!(ended, Ended::NoResources(_)), "{errno}");
+            assert_eq!(decide(&ended, 5, 5, &b(), ""), Decision::Release);
+        }
+        for errno in [Some(libc::ENOENT), Some(libc::EACCES), Some(libc::ENOEXEC), None] {
+            let ended = Ended::not_started("x".into(), errno);
+            assert!(matches!(ended, Ended::SpawnFailed(_)), "{errno:?}");
+            assert!(matches!(decide(&ended, 1, 5, &b(), ""), Decision::Retry { .. }));
         }
     }
 
