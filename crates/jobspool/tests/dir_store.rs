@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use common::{FaultFs, names, queue};
 use jobspool::store::dir::DirStore;
-use jobspool::{Error, JobId, NewJob, State, Store};
+use jobspool::{Claim, Error, JobId, NewJob, State, Store};
 
 const LEASE: Duration = Duration::from_secs(30);
 
@@ -193,17 +193,24 @@ fn claims_are_exclusive_between_many_threads_and_store_instances() {
     assert!(names(&q, "ready").is_empty() && names(&q, "running").is_empty());
 }
 
-#[test]
-fn a_stale_holder_can_neither_ack_nor_extend_nor_retry_nor_bury_nor_release() {
-    let (_d, q) = queue();
-    let a = DirStore::open(&q, false).unwrap();
-    let b = DirStore::open(&q, false).unwrap();
+/// Two handles on `q`: `a` claimed a job under a 50 ms lease, which expired, and `b` took the
+/// claim back; `a`'s stale claim is returned with both.
+fn stolen_claim(q: &Path) -> (DirStore, DirStore, Claim) {
+    let a = DirStore::open(q, false).unwrap();
+    let b = DirStore::open(q, false).unwrap();
     a.push(&NewJob::new("x").max_attempts(5)).unwrap();
     let stale = a.claim(Duration::from_millis(50)).unwrap().unwrap();
     std::thread::sleep(Duration::from_millis(120));
     let reclaimed = b.reclaim(5).unwrap();
     assert_eq!(reclaimed.len(), 1);
     assert_eq!(reclaimed[0].attempts, 1);
+    (a, b, stale)
+}
+
+#[test]
+fn a_stale_holder_can_neither_ack_nor_extend_nor_retry_nor_bury_nor_release() {
+    let (_d, q) = queue();
+    let (a, b, stale) = stolen_claim(&q);
     let fresh = b.claim(LEASE).unwrap().unwrap();
     assert_eq!(fresh.lease.attempt, 2);
     assert_ne!(fresh.lease.token, stale.lease.token);
@@ -599,12 +606,7 @@ fn a_transition_applied_but_reported_failed_is_not_a_lost_lease() {
 #[test]
 fn a_failed_transition_of_a_stolen_lease_is_not_taken_for_applied() {
     let (_d, q) = queue();
-    let a = DirStore::open(&q, false).unwrap();
-    let b = DirStore::open(&q, false).unwrap();
-    a.push(&NewJob::new("x").max_attempts(5)).unwrap();
-    let stale = a.claim(Duration::from_millis(50)).unwrap().unwrap();
-    std::thread::sleep(Duration::from_millis(120));
-    assert_eq!(b.reclaim(5).unwrap().len(), 1);
+    let (_a, _b, stale) = stolen_claim(&q);
     let (_fs, faulty_a) = faulty(&q, FaultFs::failing("unlink", 1, nix::libc::EIO));
     let r = faulty_a.ack(&stale.lease);
     assert!(matches!(r, Err(Error::LeaseLost { .. })), "ack: {r:?}");
