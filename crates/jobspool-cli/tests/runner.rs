@@ -982,7 +982,7 @@ fn a_runner_out_of_descriptors_gives_jobs_back_uncounted_instead_of_failing_them
             Ok(())
         });
     }
-    let mut r = c.spawn().unwrap();
+    let mut r = Running(c.spawn().unwrap());
     let gave_back = || {
         std::fs::read_to_string(&log)
             .unwrap_or_default()

@@ -45,9 +45,33 @@ pub fn push(q: &Path, args: &[&str]) -> String {
     stdout(&o).trim().to_string()
 }
 
-/// Starts a runner in the background with its output captured to files in `q`'s parent.
-pub fn spawn(args: &[&str]) -> Child {
-    cmd(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap()
+/// Starts a command (a runner, usually) in the background with its output piped.
+pub fn spawn(args: &[&str]) -> Running {
+    Running(cmd(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap())
+}
+
+/// A process a test started, killed and reaped when the test ends, however it ends: a test
+/// that failed half-way used to leave its runner running, holding its pipes and its queue.
+pub struct Running(pub Child);
+
+impl std::ops::Deref for Running {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Running {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 /// Waits for `cond` up to `limit`; the limit is generous and only guards against a hang.
