@@ -138,8 +138,9 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
             a.failed.store(step, Ordering::Release);
             libc::_exit(127)
         };
-        // Every signal is blocked (the parent blocked them all before clone), so no handler of
-        // the runner's can run on this borrowed memory; their dispositions go before the mask.
+        // Every signal but SIGCHLD is blocked (the parent blocked them before clone), so no
+        // handler of the runner's can run on this borrowed memory; their dispositions go before
+        // the mask.
         // Every signal, realtime ones included (an ignored one is inherited across exec), and
         // raw: glibc's `sigaction` refuses the two it reserves for itself.
         let default = [libc::SIG_DFL, 0, 0, 0];

@@ -751,6 +751,49 @@ fn persist(id: &JobId, patience: Duration, mut transition: impl FnMut() -> Resul
     }
 }
 
+/// A handler's standard input (`None`: `/dev/null`), output and error, and the read end of its
+/// output pipe when the store's log is no file the handler can write to itself. A failure is
+/// the attempt's end: [`Ended::not_started`] tells the runner's shortages from the job's.
+fn handler_stdio(
+    log: &dyn JobLog,
+    payload: &[u8],
+) -> std::result::Result<(Option<OwnedFd>, OwnedFd, OwnedFd, Option<OwnedFd>), Ended> {
+    let failed = |what: &str, e: std::io::Error| Ended::not_started(format!("{what}: {e}"), e.raw_os_error());
+    // Output goes straight into the log file when the store has one; else through a pipe.
+    let direct = log.child_output().map_err(|e| {
+        let errno = match &e {
+            Error::Io { source, .. } => source.raw_os_error(),
+            _ => None,
+        };
+        Ended::not_started(e.to_string(), errno)
+    })?;
+    let (stdout, stderr, pipe_read) = match direct {
+        Some(file) => {
+            let f2 = file
+                .try_clone()
+                .map_err(|e| failed("duplicating the log descriptor", e))?;
+            (OwnedFd::from(file), OwnedFd::from(f2), None)
+        }
+        None => {
+            let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+                .map_err(|e| failed("creating the output pipe", e.into()))?;
+            let w2 = w.try_clone().map_err(|e| failed("duplicating the output pipe", e))?;
+            (w, w2, Some(r))
+        }
+    };
+    // The payload is whole before the handler starts: a memory file, not a pipe, so that a
+    // runner killed while feeding it can never hand a handler a truncated payload that reads as
+    // complete (end of file on the pipe reaches the handler before its parent-death signal).
+    let stdin = if payload.is_empty() {
+        None
+    } else {
+        Some(OwnedFd::from(
+            payload_file(payload).map_err(|e| failed("writing the payload", e))?,
+        ))
+    };
+    Ok((stdin, stdout, stderr, pipe_read))
+}
+
 /// An anonymous memory file holding `payload`, positioned at its start.
 fn payload_file(payload: &[u8]) -> std::io::Result<std::fs::File> {
     use std::io::{Seek, Write};
@@ -985,61 +1028,9 @@ async fn supervise_command(
         ("JOBSPOOL_QUEUE", sh.store.target().to_string()),
         ("JOBSPOOL_LEASE", lease.token.clone()),
     ];
-    // Output goes straight into the log file when the store has one; else through a pipe.
-    let direct = match log.child_output() {
-        Ok(f) => f,
-        Err(e) => {
-            let errno = match &e {
-                Error::Io { source, .. } => source.raw_os_error(),
-                _ => None,
-            };
-            return (Ended::not_started(e.to_string(), errno), log);
-        }
-    };
-    let (stdout, stderr, pipe_read) = match direct {
-        Some(file) => match file.try_clone() {
-            Ok(f2) => (OwnedFd::from(file), OwnedFd::from(f2), None),
-            Err(e) => {
-                return (
-                    Ended::not_started(format!("duplicating the log descriptor: {e}"), e.raw_os_error()),
-                    log,
-                );
-            }
-        },
-        None => match nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC) {
-            Ok((r, w)) => match w.try_clone() {
-                Ok(w2) => (w, w2, Some(r)),
-                Err(e) => {
-                    return (
-                        Ended::not_started(format!("duplicating the output pipe: {e}"), e.raw_os_error()),
-                        log,
-                    );
-                }
-            },
-            Err(e) => {
-                return (
-                    Ended::not_started(format!("creating the output pipe: {e}"), Some(e as i32)),
-                    log,
-                );
-            }
-        },
-    };
-    let payload = job.payload;
-    // The payload is whole before the handler starts: a memory file, not a pipe, so that a
-    // runner killed while feeding it can never hand a handler a truncated payload that reads as
-    // complete (end of file on the pipe reaches the handler before its parent-death signal).
-    let stdin = if payload.is_empty() {
-        None
-    } else {
-        match payload_file(&payload) {
-            Ok(f) => Some(OwnedFd::from(f)),
-            Err(e) => {
-                return (
-                    Ended::not_started(format!("writing the payload: {e}"), e.raw_os_error()),
-                    log,
-                );
-            }
-        }
+    let (stdin, stdout, stderr, pipe_read) = match handler_stdio(log.as_ref(), &job.payload) {
+        Ok(fds) => fds,
+        Err(ended) => return (ended, log),
     };
     // The handler registers its group with the guardian itself, before exec, in a cell of the
     // guardian's table reserved for it here.
