@@ -28,6 +28,9 @@ use nix::unistd::{ForkResult, Pid};
 /// Most handler groups the guardian tracks at once (more handlers than that are not protected).
 const MAX_GROUPS: usize = 4096;
 
+/// The size of the shared table: a cell per group.
+const TABLE_BYTES: usize = MAX_GROUPS * std::mem::size_of::<AtomicI32>();
+
 /// The runner's end of the guardian.
 pub struct Reaper {
     pipe: Option<std::fs::File>,
@@ -45,12 +48,11 @@ unsafe impl Send for Reaper {}
 impl Reaper {
     /// Maps the table and forks the guardian.
     pub fn start() -> io::Result<Reaper> {
-        let size = MAX_GROUPS * std::mem::size_of::<AtomicI32>();
         // SAFETY: a fresh anonymous shared mapping, zero-filled, owned by this Reaper.
         let table = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
-                size,
+                TABLE_BYTES,
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_SHARED | libc::MAP_ANONYMOUS,
                 -1,
@@ -63,7 +65,7 @@ impl Reaper {
         let table = table.cast::<AtomicI32>();
         let unmap = || {
             // SAFETY: unmaps the mapping made above, which nothing else uses.
-            unsafe { libc::munmap(table.cast(), size) };
+            unsafe { libc::munmap(table.cast(), TABLE_BYTES) };
         };
         let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).inspect_err(|_| unmap())?;
         // SAFETY: the child only calls async-signal-safe functions and then _exit.
@@ -109,7 +111,7 @@ impl Drop for Reaper {
         self.pipe.take();
         let _ = nix::sys::wait::waitpid(self.child, None);
         // SAFETY: the guardian has exited and no handler holds a cell past the runner's end.
-        unsafe { libc::munmap(self.table.cast(), MAX_GROUPS * std::mem::size_of::<AtomicI32>()) };
+        unsafe { libc::munmap(self.table.cast(), TABLE_BYTES) };
     }
 }
 

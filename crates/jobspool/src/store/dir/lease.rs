@@ -30,15 +30,19 @@ impl DirStore {
             .ok_or_else(|| Error::Invalid(format!("{:?} is not a lease token of job {}", lease.token, lease.id)))
     }
 
+    /// Looks at the claim's name in `running/` now (not following a symlink).
+    fn stat_claim(&self, lease: &Lease) -> nix::Result<nix::sys::stat::FileStat> {
+        nix::sys::stat::fstatat(
+            self.d.running.fd(),
+            lease.token.as_str(),
+            nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+        )
+    }
+
     /// Maps a failed operation on `running/TOKEN` to lease loss when the name is gone.
     pub(super) fn lease_error(&self, lease: &Lease, what: &'static str, e: io::Error) -> Error {
         if errno(&e) == Some(Errno::ENOENT) {
-            let still_there = nix::sys::stat::fstatat(
-                self.d.running.fd(),
-                lease.token.as_str(),
-                nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
-            )
-            .is_ok();
+            let still_there = self.stat_claim(lease).is_ok();
             if !still_there {
                 return Error::LeaseLost {
                     id: lease.id.to_string(),
@@ -73,17 +77,7 @@ impl DirStore {
     /// A job moved to `ready/` and claimed again before this look, or whose lease has expired by
     /// now, is not recognised: the error stands, as before.
     fn settle(&self, lease: &Lease, what: &'static str, e: io::Error, to: Option<(&Dir, &str)>) -> Result<()> {
-        let gone = || {
-            matches!(
-                nix::sys::stat::fstatat(
-                    self.d.running.fd(),
-                    lease.token.as_str(),
-                    nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
-                ),
-                Err(Errno::ENOENT)
-            )
-        };
-        if errno(&e) != Some(Errno::ENOENT) && gone() {
+        if errno(&e) != Some(Errno::ENOENT) && matches!(self.stat_claim(lease), Err(Errno::ENOENT)) {
             match to {
                 Some((dir, name)) => {
                     // A reclaimer can make the very same name (a retry due now, a bury, in the
