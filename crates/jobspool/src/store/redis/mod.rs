@@ -91,31 +91,11 @@ impl Address {
 /// Each script's name and its SHA1 digest, the name `EVALSHA` calls it by: for tools that count
 /// what a client sends to the server (the benchmark harness).
 pub fn script_digests() -> Vec<(&'static str, String)> {
-    [
-        ("push", scripts::PUSH),
-        ("claim", scripts::CLAIM),
-        ("reclaim", scripts::RECLAIM),
-        ("heartbeat", scripts::HEARTBEAT),
-        ("ack", scripts::ACK),
-        ("retry", scripts::RETRY),
-        ("bury", scripts::BURY),
-        ("release", scripts::RELEASE),
-        ("quarantine", scripts::QUARANTINE),
-        ("revive", scripts::REVIVE),
-        ("remove", scripts::REMOVE),
-        ("stats", scripts::STATS),
-        ("next_due", scripts::NEXT_DUE),
-        ("log_append", scripts::LOG_APPEND),
-        ("record", scripts::RECORD),
-        ("begin_attempt", scripts::BEGIN_ATTEMPT),
-        ("end_attempt", scripts::END_ATTEMPT),
-        ("announce", scripts::ANNOUNCE),
-        ("runners", scripts::RUNNERS),
-        ("forget_runners", scripts::FORGET_RUNNERS),
-    ]
-    .into_iter()
-    .map(|(name, body)| (name, Script::new(&scripts::source(body)).get_hash().to_string()))
-    .collect()
+    Scripts::new()
+        .named()
+        .into_iter()
+        .map(|(name, script)| (name, script.get_hash().to_string()))
+        .collect()
 }
 
 /// True when `target` names a Redis queue rather than a directory.
@@ -123,55 +103,50 @@ pub fn is_url(target: &str) -> bool {
     target.starts_with("redis://") || target.starts_with("rediss://")
 }
 
-struct Scripts {
-    push: Script,
-    claim: Script,
-    reclaim: Script,
-    heartbeat: Script,
-    ack: Script,
-    retry: Script,
-    bury: Script,
-    release: Script,
-    quarantine: Script,
-    revive: Script,
-    remove: Script,
-    stats: Script,
-    next_due: Script,
-    log_append: Script,
-    record: Script,
-    begin_attempt: Script,
-    end_attempt: Script,
-    announce: Script,
-    runners: Script,
-    forget_runners: Script,
+/// Declares the store's scripts once: a field of [`Scripts`] each, loaded from the constant of
+/// the same name in `scripts.rs`, and listed by name for [`script_digests`].
+macro_rules! scripts {
+    ($($name:ident: $body:ident,)*) => {
+        struct Scripts {
+            $($name: Script,)*
+        }
+
+        impl Scripts {
+            fn new() -> Scripts {
+                Scripts {
+                    $($name: Script::new(&scripts::source(scripts::$body)),)*
+                }
+            }
+
+            /// Every script with its name.
+            fn named(&self) -> Vec<(&'static str, &Script)> {
+                vec![$((stringify!($name), &self.$name),)*]
+            }
+        }
+    };
 }
 
-impl Scripts {
-    fn new() -> Scripts {
-        let s = |body: &str| Script::new(&scripts::source(body));
-        Scripts {
-            push: s(scripts::PUSH),
-            claim: s(scripts::CLAIM),
-            reclaim: s(scripts::RECLAIM),
-            heartbeat: s(scripts::HEARTBEAT),
-            ack: s(scripts::ACK),
-            retry: s(scripts::RETRY),
-            bury: s(scripts::BURY),
-            release: s(scripts::RELEASE),
-            quarantine: s(scripts::QUARANTINE),
-            revive: s(scripts::REVIVE),
-            remove: s(scripts::REMOVE),
-            stats: s(scripts::STATS),
-            next_due: s(scripts::NEXT_DUE),
-            log_append: s(scripts::LOG_APPEND),
-            record: s(scripts::RECORD),
-            begin_attempt: s(scripts::BEGIN_ATTEMPT),
-            end_attempt: s(scripts::END_ATTEMPT),
-            announce: s(scripts::ANNOUNCE),
-            runners: s(scripts::RUNNERS),
-            forget_runners: s(scripts::FORGET_RUNNERS),
-        }
-    }
+scripts! {
+    push: PUSH,
+    claim: CLAIM,
+    reclaim: RECLAIM,
+    heartbeat: HEARTBEAT,
+    ack: ACK,
+    retry: RETRY,
+    bury: BURY,
+    release: RELEASE,
+    quarantine: QUARANTINE,
+    revive: REVIVE,
+    remove: REMOVE,
+    stats: STATS,
+    next_due: NEXT_DUE,
+    log_append: LOG_APPEND,
+    record: RECORD,
+    begin_attempt: BEGIN_ATTEMPT,
+    end_attempt: END_ATTEMPT,
+    announce: ANNOUNCE,
+    runners: RUNNERS,
+    forget_runners: FORGET_RUNNERS,
 }
 
 struct Inner {
