@@ -157,6 +157,13 @@ fn with_id(id: &str) -> NewJob {
 }
 
 /// [`assert_nothing_left_but`] the pushes of `out` that succeeded.
+/// The error of the one push of `out` that failed.
+fn the_one_failure(out: &[jobspool::Result<JobId>]) -> &jobspool::Error {
+    let failed: Vec<&jobspool::Error> = out.iter().filter_map(|r| r.as_ref().err()).collect();
+    assert_eq!(failed.len(), 1, "{out:?}");
+    failed[0]
+}
+
 fn assert_only_successes_left(q: &Path, out: &[jobspool::Result<JobId>]) {
     let ok: Vec<String> = out
         .iter()
@@ -346,9 +353,7 @@ fn a_failed_file_fsync_fails_only_that_push_and_the_rest_still_group() {
     let rest = (1..=4).map(|i| with_id(&format!("g{i}"))).collect();
     // The failed push never queues: three wait behind the held flush.
     let out = push_a_group(&fs, &store, with_id("a"), rest, 3);
-    let failed: Vec<usize> = (0..out.len()).filter(|&i| out[i].is_err()).collect();
-    assert_eq!(failed.len(), 1, "{out:?}");
-    let e = out[failed[0]].as_ref().unwrap_err();
+    let e = the_one_failure(&out);
     assert!(e.to_string().contains("syncing the job file"), "{e}");
     assert_only_successes_left(&q, &out);
     assert_eq!(fs.count("sync_dir"), 2, "the three others shared one directory flush");
@@ -362,9 +367,7 @@ fn a_failed_rename_in_a_group_fails_only_that_push() {
     let store = Arc::new(DirStore::open_with(&q, false, fs.clone()).unwrap());
     let rest = (1..=4).map(|i| with_id(&format!("g{i}"))).collect();
     let out = push_a_group(&fs, &store, with_id("a"), rest, 4);
-    let failed: Vec<usize> = (0..out.len()).filter(|&i| out[i].is_err()).collect();
-    assert_eq!(failed.len(), 1, "{out:?}");
-    let e = out[failed[0]].as_ref().unwrap_err();
+    let e = the_one_failure(&out);
     assert!(e.to_string().contains("moving the job into ready/"), "{e}");
     assert_only_successes_left(&q, &out);
     // One directory flush for the group's three renames that worked.
