@@ -999,3 +999,38 @@ fn a_runner_out_of_descriptors_gives_jobs_back_uncounted_instead_of_failing_them
     let shown = stdout(&run(&["show", qs, "j1"]));
     assert!(shown.contains("attempts:     0"), "{shown}");
 }
+
+/// The runner claims on its event loop when the store can claim at once. A claim that would
+/// wait, here for the lock a completion check (`jobspool wait`) holds while it lists the queue,
+/// must go to a thread instead: claimed on the loop, it stalled the runner behind the check,
+/// with no handler reaped, no job acknowledged and no signal obeyed until the lock was let go.
+#[test]
+fn a_claim_waiting_for_a_checks_lock_does_not_stall_the_runners_event_loop() {
+    use nix::fcntl::{Flock, FlockArg};
+    let (d, q) = queue();
+    let qs = q_str(&q);
+    let gate = d.path().join("gate");
+    let script = format!("while [ ! -e {} ]; do sleep 0.02; done", gate.display());
+    push(&q, &["--id", "first"]);
+    let mut r = spawn(&["run", qs, "-j", "2", "--", "sh", "-c", &script]);
+    wait_for("the first job to run", LONG, || count(&q, "running") == 1);
+
+    let check = Flock::lock(std::fs::File::open(q.join("running")).unwrap(), FlockArg::LockExclusive).unwrap();
+    // The free slot's claim of this one now waits for the lock.
+    push(&q, &["--id", "second"]);
+    std::fs::write(&gate, "").unwrap();
+    let history = |id: &str| std::fs::read_to_string(q.join("logs").join(format!("{id}.events"))).unwrap_or_default();
+    wait_for(
+        "the first job to be acknowledged while the check holds the lock",
+        LONG,
+        || count(&q, "running") == 0 && history("first").contains("\"done\""),
+    );
+    assert_eq!(count(&q, "ready"), 1, "the second job waits for the lock");
+    drop(check);
+
+    wait_for("the second job to run once the lock is free", LONG, || {
+        history("second").contains("\"done\"")
+    });
+    signal(&r, Signal::SIGTERM);
+    assert_eq!(wait_exit(&mut r, LONG).and_then(|s| s.code()), Some(0));
+}

@@ -636,3 +636,65 @@ fn a_retried_ack_whose_first_try_applied_is_recorded_done_not_lease_lost() {
     assert!(kinds.contains(&EventKind::Done), "{kinds:?}");
     assert!(!kinds.contains(&EventKind::LeaseLost), "{kinds:?}");
 }
+
+/// A success on a local store is acknowledged on the runner's event loop, tried once there;
+/// when that try fails, the outcome must still be recorded, by tries on a thread, with the
+/// log's trailer written once.
+#[test]
+fn a_success_whose_ack_fails_once_on_the_event_loop_is_acknowledged_by_a_later_try() {
+    use jobspool::runner::{self, Handler, RunnerOptions};
+    use jobspool::store::EventKind;
+    let (_d, q) = queue();
+    let id = DirStore::open(&q, false).unwrap().push(&NewJob::new("x")).unwrap();
+    let (fs, store) = faulty(&q, FaultFs::failing("unlink", 1, nix::libc::EIO));
+    let store: Arc<dyn Store> = Arc::new(store);
+    let mut o = RunnerOptions::new(Handler::Function(Arc::new(|_| Ok(()))));
+    o.slots = 1;
+    o.drain = true;
+    let report = runner::run(Arc::clone(&store), o).unwrap();
+    assert_eq!((report.done, report.lease_lost), (1, 0), "{report:?}");
+    let unlinks = fs.calls().iter().filter(|c| c.starts_with("unlink running/")).count();
+    assert_eq!(unlinks, 2, "one failed try, one that took: {:?}", fs.calls());
+    assert!(names(&q, "running").is_empty() && names(&q, "ready").is_empty());
+    let kinds: Vec<EventKind> = store.finished(&id).unwrap().unwrap().iter().map(|e| e.kind).collect();
+    assert_eq!(kinds.iter().filter(|k| **k == EventKind::Done).count(), 1, "{kinds:?}");
+    let log = String::from_utf8(store.read_log(&id, 0).unwrap().unwrap()).unwrap();
+    assert_eq!(log.matches(" after ").count(), 1, "one trailer: {log}");
+}
+
+/// The runner claims on its event loop with `claim_now`, so that claim must never wait: not for
+/// the first listing of `ready/` (a million names take seconds), nor for the lock a completion
+/// check (`jobspool wait`, a draining runner's `idle`) holds while it lists the queue. It gives
+/// up instead, having moved nothing, and the waiting `claim` takes over on a thread.
+#[test]
+fn a_claim_made_now_gives_up_with_nothing_moved_rather_than_list_the_queue_or_wait_for_a_check() {
+    use nix::fcntl::{Flock, FlockArg};
+    let (_d, q) = queue();
+    let store = DirStore::open(&q, false).unwrap();
+    for n in 0..3 {
+        store.push(&NewJob::new(format!("{n}"))).unwrap();
+    }
+    assert!(
+        store.claim_now(LEASE).is_none(),
+        "the first claim lists ready/: not now"
+    );
+    assert_eq!(names(&q, "ready").len(), 3);
+    store.claim(LEASE).unwrap().expect("the waiting claim lists and claims");
+
+    let check = Flock::lock(std::fs::File::open(q.join("running")).unwrap(), FlockArg::LockExclusive).unwrap();
+    assert!(store.claim_now(LEASE).is_none(), "a check holds running/: not now");
+    assert_eq!(names(&q, "ready").len(), 2, "nothing moved");
+    assert_eq!(names(&q, "running").len(), 1);
+    drop(check);
+
+    let claim = store
+        .claim_now(LEASE)
+        .expect("nothing to wait for")
+        .unwrap()
+        .expect("a job is due");
+    assert_eq!(names(&q, "ready").len(), 1);
+    assert!(names(&q, "running").contains(&claim.lease.token));
+    store.ack(&claim.lease).unwrap();
+    assert!(store.claim_now(LEASE).unwrap().unwrap().is_some());
+    assert!(store.claim_now(LEASE).unwrap().unwrap().is_none(), "nothing is due");
+}

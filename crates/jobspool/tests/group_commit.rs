@@ -104,8 +104,8 @@ impl Fs for GateFs {
     fn open_read(&self, dir: &Dir, name: &OsStr) -> io::Result<File> {
         self.inner.open_read(dir, name)
     }
-    fn open_append(&self, dir: &Dir, name: &OsStr, mode: u32) -> io::Result<File> {
-        self.inner.open_append(dir, name, mode)
+    fn open_append(&self, dir: &Dir, name: &OsStr, mode: u32, fresh: bool) -> io::Result<(File, bool)> {
+        self.inner.open_append(dir, name, mode, fresh)
     }
     fn list(&self, dir: &Dir) -> io::Result<Vec<(OsString, Kind)>> {
         self.inner.list(dir)

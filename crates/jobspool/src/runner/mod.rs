@@ -194,6 +194,8 @@ struct Shared {
     allow_job_commands: bool,
     runner_id: String,
     host: String,
+    /// This process's id, for the attempts' headers.
+    pid: u32,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -252,7 +254,15 @@ pub fn run(store: Arc<dyn Store>, opts: RunnerOptions) -> Result<RunReport> {
         .enable_all()
         .build()
         .map_err(|e| Error::io(store.target(), "starting the runtime", e))?;
-    rt.block_on(run_async(store, opts))
+    // The loop runs as a task, not as `block_on`'s own future: waking a task from another
+    // task on this thread is a push to the run queue, where waking `block_on`'s future writes
+    // to the runtime's eventfd and costs a trip through epoll (twice per job).
+    rt.block_on(async move {
+        match tokio::spawn(run_async(store, opts)).await {
+            Ok(report) => report,
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        }
+    })
 }
 
 /// Shortest lease a runner accepts (the queue configuration's minimum too).
@@ -336,6 +346,7 @@ pub async fn run_async(store: Arc<dyn Store>, opts: RunnerOptions) -> Result<Run
         allow_job_commands: opts.allow_job_commands,
         runner_id: runner_id.clone(),
         host: status.host.clone(),
+        pid: std::process::id(),
     });
     tracing::info!(
         queue = store.target(),
@@ -796,11 +807,11 @@ fn handler_stdio(
 
 /// An anonymous memory file holding `payload`, positioned at its start.
 fn payload_file(payload: &[u8]) -> std::io::Result<std::fs::File> {
-    use std::io::{Seek, Write};
+    use std::os::unix::fs::FileExt;
     let fd = nix::sys::memfd::memfd_create("jobspool-payload", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)?;
-    let mut f = std::fs::File::from(fd);
-    f.write_all(payload)?;
-    f.rewind()?;
+    let f = std::fs::File::from(fd);
+    // At an offset, leaving the file's own at its start for the handler.
+    f.write_all_at(payload, 0)?;
     Ok(f)
 }
 
@@ -815,16 +826,29 @@ fn tail(bytes: &[u8], lines: usize, max: usize) -> String {
 /// A claimed job's log, opened with the attempt's header written, and where that header starts.
 type Opened = Result<(Box<dyn JobLog>, u64)>;
 
-/// Claims a job and opens its attempt's log, in one trip to a blocking thread.
+/// Claims a job and opens its attempt's log: on the event loop when the store can claim at
+/// once (a queue directory, unless a listing or another process's lock is in the way), since
+/// a trip to a blocking thread and back cost more than the claim (BENCHMARKS.md, profile
+/// point 17); else in one trip to a blocking thread.
 async fn claim_next(sh: Arc<Shared>) -> Result<Option<(Claim, Opened)>> {
-    blocking(move || {
-        let Some(claim) = sh.store.claim(sh.settings.lease)? else {
-            return Ok(None);
-        };
-        let opened = open_attempt(&sh, &claim);
+    let open = |sh: &Shared, claim: Claim| {
+        let opened = open_attempt(sh, &claim);
         Ok(Some((claim, opened)))
-    })
-    .await
+    };
+    match sh.store.claim_now(sh.settings.lease) {
+        Some(claimed) => match claimed? {
+            None => Ok(None),
+            Some(claim) if sh.store.is_local() => open(&sh, claim),
+            Some(claim) => blocking(move || open(&sh, claim)).await,
+        },
+        None => {
+            blocking(move || match sh.store.claim(sh.settings.lease)? {
+                None => Ok(None),
+                Some(claim) => open(&sh, claim),
+            })
+            .await
+        }
+    }
 }
 
 /// Opens the claimed job's log, writes the attempt's header and records its start
@@ -837,7 +861,7 @@ fn open_attempt(sh: &Shared, claim: &Claim) -> Opened {
         format_ms(now_ms()),
         sh.runner_id,
         sh.host,
-        std::process::id()
+        sh.pid
     );
     let mut ev = Event::now(EventKind::Started, attempt, None);
     ev.runner = Some(sh.runner_id.clone());
@@ -859,6 +883,97 @@ impl Slot {
 impl Drop for Slot {
     fn drop(&mut self) {
         self.free(Duration::MAX);
+    }
+}
+
+/// How an attempt ended, to be recorded: the last output read back, the decision, then
+/// trailer, transition and history in one [`Store::end_attempt`].
+#[derive(Clone)]
+struct Finish {
+    store: Arc<dyn Store>,
+    lease: Lease,
+    ended: Ended,
+    trailer: String,
+    /// Where the attempt's header starts in its log.
+    log_start: u64,
+    max_attempts: u32,
+    backoff: Backoff,
+    runner: String,
+}
+
+impl Finish {
+    /// Records the outcome, trying the transition again for up to `patience` while it fails
+    /// for a reason that may pass. `log` goes with the first try only: a store that writes the
+    /// trailer through it writes it once however often the transition is tried.
+    fn run(self, log: Option<Box<dyn JobLog>>, patience: Duration) -> (Ended, Decision, Option<Error>) {
+        let Finish {
+            store: s,
+            lease,
+            ended,
+            trailer,
+            log_start,
+            max_attempts,
+            backoff,
+            runner,
+        } = self;
+        let attempt = lease.attempt;
+        // Read before the trailer is written: the attempt's own output only.
+        let output = match &ended {
+            Ended::Exit(0) | Ended::Stopped | Ended::GivenBack | Ended::LeaseLost => String::new(),
+            _ => s
+                .read_log(&lease.id, log_start)
+                .ok()
+                .flatten()
+                .map(|b| {
+                    // Leave out our own header.
+                    let text = String::from_utf8_lossy(&b);
+                    let body: Vec<&str> = text.lines().filter(|l| !l.starts_with("=== jobspool: ")).collect();
+                    tail(body.join("\n").as_bytes(), 5, 2000)
+                })
+                .unwrap_or_default(),
+        };
+        let decision = decide(&ended, attempt, max_attempts, &backoff, &output);
+        let event = |kind: EventKind, detail: String| {
+            let mut ev = Event::now(kind, attempt, Some(detail));
+            ev.runner = Some(runner.clone());
+            ev
+        };
+        let outcome = match &decision {
+            Decision::Ack => Some((Outcome::Ack, Some(event(EventKind::Done, ended.describe())))),
+            Decision::Retry { delay, reason } => Some((
+                Outcome::Retry { delay: *delay },
+                Some(event(
+                    EventKind::Failed,
+                    format!("{reason}; retry in {}", format_duration(*delay)),
+                )),
+            )),
+            // Bury records the reason itself.
+            Decision::Bury { reason } => Some((Outcome::Bury { reason: reason.clone() }, None)),
+            Decision::Release => Some((Outcome::Release, Some(event(EventKind::Released, ended.describe())))),
+            Decision::Abandon => None,
+        };
+        let mut log = log;
+        let result = match &outcome {
+            Some((outcome, ev)) => persist(&lease.id, patience, || {
+                s.end_attempt(&lease, log.take(), trailer.as_bytes(), outcome, ev.as_ref())
+            }),
+            None => Ok(()),
+        };
+        let (decision, error) = match result {
+            Ok(()) => (decision, None),
+            Err(Error::LeaseLost { .. }) => (Decision::Abandon, None),
+            Err(e) => (decision, Some(e)),
+        };
+        if decision == Decision::Abandon {
+            // The lease was lost while the handler ran (the log is still here: the trailer
+            // says how the attempt ended), or at the end (the store wrote nothing of it, or
+            // only the trailer, before the transition was refused). Either way, say so.
+            if let Some(mut log) = log.take() {
+                let _ = log.append(trailer.as_bytes());
+            }
+            let _ = s.record(&lease.id, &event(EventKind::LeaseLost, ended.describe()));
+        }
+        (ended, decision, error)
     }
 }
 
@@ -927,77 +1042,33 @@ async fn run_job(
 
     // Last output, decision, then trailer + transition + history in one step (one round trip
     // on a store that has a server: see `Store::end_attempt`).
-    let trailer = format!(
-        "=== jobspool: {} after {} ===\n",
-        ended.describe(),
-        format_duration(Duration::from_millis(took.as_millis() as u64))
-    );
-    let s = Arc::clone(&sh.store);
-    let backoff = sh.settings.backoff;
-    let runner = sh.runner_id.clone();
-    let outcome_patience = sh.settings.lease.max(OUTCOME_PATIENCE);
-    let (ended, decision, error) = blocking(move || {
-        // Read before the trailer is written: the attempt's own output only.
-        let output = match &ended {
-            Ended::Exit(0) | Ended::Stopped | Ended::GivenBack | Ended::LeaseLost => String::new(),
-            _ => s
-                .read_log(&lease.id, log_start)
-                .ok()
-                .flatten()
-                .map(|b| {
-                    // Leave out our own header.
-                    let text = String::from_utf8_lossy(&b);
-                    let body: Vec<&str> = text.lines().filter(|l| !l.starts_with("=== jobspool: ")).collect();
-                    tail(body.join("\n").as_bytes(), 5, 2000)
-                })
-                .unwrap_or_default(),
-        };
-        let decision = decide(&ended, attempt, max_attempts, &backoff, &output);
-        let event = |kind: EventKind, detail: String| {
-            let mut ev = Event::now(kind, attempt, Some(detail));
-            ev.runner = Some(runner.clone());
-            ev
-        };
-        let outcome = match &decision {
-            Decision::Ack => Some((Outcome::Ack, Some(event(EventKind::Done, ended.describe())))),
-            Decision::Retry { delay, reason } => Some((
-                Outcome::Retry { delay: *delay },
-                Some(event(
-                    EventKind::Failed,
-                    format!("{reason}; retry in {}", format_duration(*delay)),
-                )),
-            )),
-            // Bury records the reason itself.
-            Decision::Bury { reason } => Some((Outcome::Bury { reason: reason.clone() }, None)),
-            Decision::Release => Some((Outcome::Release, Some(event(EventKind::Released, ended.describe())))),
-            Decision::Abandon => None,
-        };
-        let mut log = Some(log);
-        let result = match &outcome {
-            // The log goes with the first try only: a store that writes the trailer through it
-            // writes it once however often the transition is tried.
-            Some((outcome, ev)) => persist(&lease.id, outcome_patience, || {
-                s.end_attempt(&lease, log.take(), trailer.as_bytes(), outcome, ev.as_ref())
-            }),
-            None => Ok(()),
-        };
-        let (decision, error) = match result {
-            Ok(()) => (decision, None),
-            Err(Error::LeaseLost { .. }) => (Decision::Abandon, None),
-            Err(e) => (decision, Some(e)),
-        };
-        if decision == Decision::Abandon {
-            // The lease was lost while the handler ran (the log is still here: the trailer
-            // says how the attempt ended), or at the end (the store wrote nothing of it, or
-            // only the trailer, before the transition was refused). Either way, say so.
-            if let Some(mut log) = log.take() {
-                let _ = log.append(trailer.as_bytes());
+    let finish = Finish {
+        store: Arc::clone(&sh.store),
+        trailer: format!(
+            "=== jobspool: {} after {} ===\n",
+            ended.describe(),
+            format_duration(Duration::from_millis(took.as_millis() as u64))
+        ),
+        lease,
+        ended,
+        log_start,
+        max_attempts,
+        backoff: sh.settings.backoff,
+        runner: sh.runner_id.clone(),
+    };
+    let patience = sh.settings.lease.max(OUTCOME_PATIENCE);
+    let (ended, decision, error) = if sh.store.is_local() && finish.ended == Ended::Exit(0) {
+        // A success on a local store is acknowledged on the event loop, once (see
+        // `claim_next`); only its repeats after a failure go to a thread, where they may wait.
+        match finish.clone().run(Some(log), Duration::ZERO) {
+            (_, _, Some(Error::Backend { .. } | Error::Io { .. })) => {
+                blocking(move || finish.run(None, patience)).await
             }
-            let _ = s.record(&lease.id, &event(EventKind::LeaseLost, ended.describe()));
+            done => done,
         }
-        (ended, decision, error)
-    })
-    .await;
+    } else {
+        blocking(move || finish.run(Some(log), patience)).await
+    };
     JobEnd {
         id,
         attempt,

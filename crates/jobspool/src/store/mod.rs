@@ -330,6 +330,25 @@ pub trait Store: Send + Sync {
     /// blocks waiting for work; use [`Store::watch`] and [`Store::next_due`] to know when to call.
     fn claim(&self, lease: Duration) -> Result<Option<Claim>>;
 
+    /// [`Store::claim`] when it can be made at once, with nothing to wait for but a few system
+    /// calls on local files; `None`, with nothing moved, when it would wait (for a server, for
+    /// a lock another process holds, for a listing of the whole queue). The caller then makes
+    /// the claim with [`Store::claim`], on a thread that may wait.
+    ///
+    /// The runner claims on its event loop this way: handing a claim to a thread and back
+    /// costs more than the claim itself (BENCHMARKS.md, profile point 17).
+    fn claim_now(&self, _lease: Duration) -> Option<Result<Option<Claim>>> {
+        None
+    }
+
+    /// Whether [`Store::begin_attempt`], and [`Store::end_attempt`] with [`Outcome::Ack`], are
+    /// a few system calls on local files that wait neither for a server nor for a disk flush,
+    /// so that the runner may make them on its event loop rather than on a thread (see
+    /// [`Store::claim_now`]).
+    fn is_local(&self) -> bool {
+        false
+    }
+
     /// Extends a lease: the claim stays valid for its lease duration from now.
     fn heartbeat(&self, lease: &Lease) -> Result<()>;
 

@@ -147,9 +147,9 @@ impl Fs for FaultFs {
         self.call("open_read", dir, Some(name))?;
         RealFs.open_read(dir, name)
     }
-    fn open_append(&self, dir: &Dir, name: &OsStr, mode: u32) -> io::Result<File> {
+    fn open_append(&self, dir: &Dir, name: &OsStr, mode: u32, fresh: bool) -> io::Result<(File, bool)> {
         self.call("open_append", dir, Some(name))?;
-        RealFs.open_append(dir, name, mode)
+        RealFs.open_append(dir, name, mode, fresh)
     }
     fn list(&self, dir: &Dir) -> io::Result<Vec<(OsString, Kind)>> {
         self.call("list", dir, None)?;

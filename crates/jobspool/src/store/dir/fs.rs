@@ -115,8 +115,9 @@ pub trait Fs: Send + Sync {
     fn touch(&self, dir: &Dir, name: &OsStr) -> io::Result<()>;
     /// Opens a file for reading without following links and without blocking on a FIFO.
     fn open_read(&self, dir: &Dir, name: &OsStr) -> io::Result<File>;
-    /// Opens a file for appending, creating it with exactly `mode` if missing.
-    fn open_append(&self, dir: &Dir, name: &OsStr, mode: u32) -> io::Result<File>;
+    /// Opens a file for appending, creating it with exactly `mode` if missing; says whether it
+    /// was created. `fresh` says which is likely, so that the likely case costs one `open`.
+    fn open_append(&self, dir: &Dir, name: &OsStr, mode: u32, fresh: bool) -> io::Result<(File, bool)>;
     /// Lists a directory.
     fn list(&self, dir: &Dir) -> io::Result<Vec<(OsString, Kind)>>;
     /// Calls `each` for every entry of a directory as it is read, without holding the whole
@@ -222,21 +223,23 @@ impl Fs for RealFs {
         Ok(File::from(fd))
     }
 
-    fn open_append(&self, dir: &Dir, name: &OsStr, bits: u32) -> io::Result<File> {
+    fn open_append(&self, dir: &Dir, name: &OsStr, bits: u32, fresh: bool) -> io::Result<(File, bool)> {
         let flags = OFlag::O_WRONLY | OFlag::O_APPEND | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW;
-        match nix::fcntl::openat(dir.fd(), name, flags, Mode::empty()) {
-            Ok(fd) => Ok(File::from(fd)),
-            Err(Errno::ENOENT) => {
-                match nix::fcntl::openat(dir.fd(), name, flags | OFlag::O_CREAT | OFlag::O_EXCL, mode(bits)) {
-                    Ok(fd) => {
-                        nix::sys::stat::fchmod(&fd, mode(bits))?;
-                        Ok(File::from(fd))
-                    }
-                    // Created by someone else in between: open theirs.
-                    Err(Errno::EEXIST) => Ok(File::from(nix::fcntl::openat(dir.fd(), name, flags, Mode::empty())?)),
-                    Err(e) => Err(e.into()),
-                }
+        let open = || nix::fcntl::openat(dir.fd(), name, flags, Mode::empty());
+        if !fresh {
+            match open() {
+                Err(Errno::ENOENT) => {}
+                other => return Ok((File::from(other?), false)),
             }
+        }
+        match nix::fcntl::openat(dir.fd(), name, flags | OFlag::O_CREAT | OFlag::O_EXCL, mode(bits)) {
+            Ok(fd) => {
+                // The umask may have removed group bits a shared queue needs.
+                nix::sys::stat::fchmod(&fd, mode(bits))?;
+                Ok((File::from(fd), true))
+            }
+            // There already, or created by someone else in between: open it.
+            Err(Errno::EEXIST) => Ok((File::from(open()?), false)),
             Err(e) => Err(e.into()),
         }
     }

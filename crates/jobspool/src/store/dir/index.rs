@@ -299,6 +299,11 @@ impl Index {
         self.future.first().map(|(at, _)| *at)
     }
 
+    /// Whether the next [`Index::refresh`] lists `ready/`.
+    pub fn is_stale(&self) -> bool {
+        self.stale
+    }
+
     /// Marks the index for relisting (after an operator moved files, say).
     pub fn mark_stale(&mut self) {
         self.stale = true;

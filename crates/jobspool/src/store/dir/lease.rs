@@ -7,6 +7,12 @@ impl DirStore {
     /// Holds `running/` locked shared for the duration of a claim or a move back to `ready/`,
     /// so that a completion check (which locks it exclusively) never sees a job in neither.
     pub(super) fn tx_shared(&self) -> Result<TxGuard<'_>> {
+        Ok(self.tx_shared_if(true)?.expect("a waiting lock is taken or fails"))
+    }
+
+    /// [`DirStore::tx_shared`], or `None` at once when it would wait (`wait` false) because a
+    /// completion check holds the lock.
+    fn tx_shared_if(&self, wait: bool) -> Result<Option<TxGuard<'_>>> {
         let fd = match lock(&self.lock_pool).pop() {
             Some(fd) => fd,
             None => self
@@ -15,11 +21,20 @@ impl DirStore {
                 .reopen()
                 .map_err(|e| Error::io(&self.d.running.path, "opening", e))?,
         };
-        match Flock::lock(fd, FlockArg::LockShared) {
-            Ok(f) => Ok(TxGuard {
+        let how = if wait {
+            FlockArg::LockShared
+        } else {
+            FlockArg::LockSharedNonblock
+        };
+        match Flock::lock(fd, how) {
+            Ok(f) => Ok(Some(TxGuard {
                 store: self,
                 lock: Some(f),
-            }),
+            })),
+            Err((fd, Errno::EWOULDBLOCK)) if !wait => {
+                lock(&self.lock_pool).push(fd);
+                Ok(None)
+            }
             Err((_, e)) => Err(Error::io(&self.d.running.path, "locking", e)),
         }
     }
@@ -113,16 +128,31 @@ impl DirStore {
         Err(self.lease_error(lease, what, e))
     }
 
-    pub(super) fn claim_next(&self, lease: Duration) -> Result<Option<Claim>> {
+    /// Claims the next due job. Unless `wait`, gives up with [`Claimed::WouldWait`] before
+    /// anything moves rather than wait for what may take long: the index in use by another
+    /// claim, a listing of `ready/` (the first, or after the watcher lost events), or the lock
+    /// a completion check holds.
+    pub(super) fn claim_next(&self, lease: Duration, wait: bool) -> Result<Claimed> {
         // Refused before anything moves: a lease too long for the name would write a running
         // name nobody can parse, and the job would be quarantined.
         let lease_ms = crate::job::lease_ms(lease)?;
         let runner = self.my_id()?;
         loop {
             let (foreign, entry) = {
-                let mut guard = lock(&self.index);
+                let mut guard = if wait {
+                    lock(&self.index)
+                } else {
+                    match self.index.try_lock() {
+                        Ok(g) => g,
+                        Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
+                        Err(std::sync::TryLockError::WouldBlock) => return Ok(Claimed::WouldWait),
+                    }
+                };
                 let idx = guard.get_or_insert_with(|| Index::new(&self.root));
                 idx.drain();
+                if !wait && idx.is_stale() {
+                    return Ok(Claimed::WouldWait);
+                }
                 idx.refresh(&*self.fs, &self.d.ready)
                     .map_err(|e| Error::io(&self.d.ready.path, "listing", e))?;
                 (idx.take_foreign(&self.d.ready), idx.pop(now_ms()))
@@ -135,7 +165,7 @@ impl DirStore {
                 };
                 self.quarantine(&self.d.ready, &name, &problem);
             }
-            let Some(entry) = entry else { return Ok(None) };
+            let Some(entry) = entry else { return Ok(Claimed::Empty) };
             let q = entry.name();
             let from = q.format();
             let r = RunningName {
@@ -150,7 +180,12 @@ impl DirStore {
             };
             let token = r.format();
             let renamed = {
-                let _tx = self.tx_shared()?;
+                let Some(_tx) = self.tx_shared_if(wait)? else {
+                    if let Some(idx) = lock(&self.index).as_mut() {
+                        idx.put_back(entry);
+                    }
+                    return Ok(Claimed::WouldWait);
+                };
                 self.fs.rename(
                     &self.d.ready,
                     OsStr::new(&from),
@@ -172,7 +207,7 @@ impl DirStore {
             }
             match self.read_body(&self.d.running, OsStr::new(&token), Some(&q.id)) {
                 Ok(job) => {
-                    return Ok(Some(Claim {
+                    return Ok(Claimed::Job(Claim {
                         job,
                         lease: Lease {
                             id: q.id,
@@ -375,6 +410,15 @@ impl DirStore {
         }
         Ok(out)
     }
+}
+
+/// What [`DirStore::claim_next`] found.
+pub(super) enum Claimed {
+    Job(Claim),
+    /// Nothing is due.
+    Empty,
+    /// It would have had to wait, and was asked not to; nothing moved.
+    WouldWait,
 }
 
 pub(super) struct TxGuard<'a> {

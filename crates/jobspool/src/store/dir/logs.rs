@@ -23,9 +23,11 @@ impl DirStore {
         let name = Self::events_name(id);
         let mut line = serde_json::to_vec(event).expect("events serialize");
         line.push(b'\n');
-        let file = self
+        // A job's history begins with its first start.
+        let fresh = event.kind == EventKind::Started && event.attempt == 1;
+        let (file, _) = self
             .fs
-            .open_append(&self.d.logs, &name, self.config.mode)
+            .open_append(&self.d.logs, &name, self.config.mode, fresh)
             .map_err(|e| Error::io(self.path(&self.d.logs, &name), "opening the history", e))?;
         self.fs
             .write(&file, &self.d.logs, &name, &line)
@@ -42,14 +44,16 @@ impl DirStore {
         self.record_synced(id, event, false)
     }
 
-    pub(super) fn open_job_log(&self, id: &JobId) -> Result<Box<dyn JobLog>> {
+    /// Opens a job's log, `fresh` when it is likely new (a first attempt); says whether it was
+    /// created, and so is empty.
+    pub(super) fn open_job_log(&self, id: &JobId, fresh: bool) -> Result<(DirLog, bool)> {
         let name = Self::log_name(id);
         let path = self.path(&self.d.logs, &name);
-        let file = self
+        let (file, created) = self
             .fs
-            .open_append(&self.d.logs, &name, self.config.mode)
+            .open_append(&self.d.logs, &name, self.config.mode, fresh)
             .map_err(|e| Error::io(&path, "opening the log", e))?;
-        Ok(Box::new(DirLog { file, path }))
+        Ok((DirLog { file, path }, created))
     }
 
     pub(super) fn read_job_log(&self, id: &JobId, from: u64) -> Result<Option<Vec<u8>>> {
