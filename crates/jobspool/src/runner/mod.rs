@@ -196,6 +196,8 @@ struct Shared {
     host: String,
     /// This process's id, for the attempts' headers.
     pid: u32,
+    /// Where to make a local store's calls.
+    call_time: CallTime,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -347,6 +349,7 @@ pub async fn run_async(store: Arc<dyn Store>, opts: RunnerOptions) -> Result<Run
         runner_id: runner_id.clone(),
         host: status.host.clone(),
         pid: std::process::id(),
+        call_time: CallTime::default(),
     });
     tracing::info!(
         queue = store.target(),
@@ -826,28 +829,56 @@ fn tail(bytes: &[u8], lines: usize, max: usize) -> String {
 /// A claimed job's log, opened with the attempt's header written, and where that header starts.
 type Opened = Result<(Box<dyn JobLog>, u64)>;
 
-/// Claims a job and opens its attempt's log: on the event loop when the store can claim at
-/// once (a queue directory, unless a listing or another process's lock is in the way), since
-/// a trip to a blocking thread and back cost more than the claim (BENCHMARKS.md, profile
-/// point 17); else in one trip to a blocking thread.
+/// Claims a job and opens its attempt's log: on the event loop when the store's calls are
+/// short (see [`CallTime`]) and it can claim at once (a queue directory, unless a listing or
+/// another process's lock is in the way); else in one trip to a blocking thread.
 async fn claim_next(sh: Arc<Shared>) -> Result<Option<(Claim, Opened)>> {
-    let open = |sh: &Shared, claim: Claim| {
+    fn open(sh: &Shared, claimed: Option<Claim>, started: Instant) -> Result<Option<(Claim, Opened)>> {
+        let Some(claim) = claimed else {
+            return Ok(None);
+        };
         let opened = open_attempt(sh, &claim);
+        sh.call_time.record(started.elapsed());
         Ok(Some((claim, opened)))
-    };
-    match sh.store.claim_now(sh.settings.lease) {
-        Some(claimed) => match claimed? {
-            None => Ok(None),
-            Some(claim) if sh.store.is_local() => open(&sh, claim),
-            Some(claim) => blocking(move || open(&sh, claim)).await,
-        },
-        None => {
-            blocking(move || match sh.store.claim(sh.settings.lease)? {
-                None => Ok(None),
-                Some(claim) => open(&sh, claim),
-            })
-            .await
+    }
+    if sh.store.is_local() && sh.call_time.short() {
+        let started = Instant::now();
+        if let Some(claimed) = sh.store.claim_now(sh.settings.lease) {
+            return open(&sh, claimed?, started);
         }
+    }
+    blocking(move || {
+        let started = Instant::now();
+        open(&sh, sh.store.claim(sh.settings.lease)?, started)
+    })
+    .await
+}
+
+/// How long a local store's calls on a job's path (claim and log, acknowledgement) take, as a
+/// moving average, to choose where to make them. While they are short, on the event loop: a
+/// trip to a blocking thread and back cost more than the calls themselves, 0.51 -> 0.59 of bare
+/// spawn at `-j 2` on a journaled ext4 where they take 70-100 µs (BENCHMARKS.md, profile point
+/// 17). Once they are long, on a thread, where they hold up nothing else: on an ext4 without a
+/// journal, after many deletions, the same calls took 0.6-1.5 ms, and on the loop they held up
+/// every other slot's reaping and starting (691 against 828 jobs/s at `-j 2`).
+#[derive(Default)]
+struct CallTime(std::sync::atomic::AtomicU64);
+
+impl CallTime {
+    /// Calls longer than this, on average, are made on a thread.
+    const LONG: Duration = Duration::from_micros(250);
+
+    fn short(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::Relaxed) < Self::LONG.as_nanos() as u64
+    }
+
+    /// Adds one call's time, with a weight of 1/8 (a race between two threads loses one
+    /// call's time, which is harmless).
+    fn record(&self, took: Duration) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let ns = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
+        let mean = self.0.load(Relaxed);
+        self.0.store(mean - mean / 8 + ns / 8, Relaxed);
     }
 }
 
@@ -1057,17 +1088,39 @@ async fn run_job(
         runner: sh.runner_id.clone(),
     };
     let patience = sh.settings.lease.max(OUTCOME_PATIENCE);
-    let (ended, decision, error) = if sh.store.is_local() && finish.ended == Ended::Exit(0) {
-        // A success on a local store is acknowledged on the event loop, once (see
-        // `claim_next`); only its repeats after a failure go to a thread, where they may wait.
+    let succeeded = sh.store.is_local() && finish.ended == Ended::Exit(0);
+    let (ended, decision, error) = if succeeded && sh.call_time.short() {
+        // A success is acknowledged on the event loop while the store's calls are short (see
+        // `CallTime`), once; a repeat after a failure goes to a thread, where it may wait.
+        // But after the freed slot's next handler has started, not before: two turns of the
+        // scheduler, which runs tasks in the order they were woken. In the first the main loop
+        // takes the slot and spawns the next job's task; in the second that task starts its
+        // handler. Acknowledging first kept the slot empty for the length of the ack
+        // (`-j 1`: 1 323 -> 1 481 jobs/s on a journaled ext4, in alternating runs).
+        for _ in 0..2 {
+            tokio::task::yield_now().await;
+        }
+        let started = Instant::now();
         match finish.clone().run(Some(log), Duration::ZERO) {
             (_, _, Some(Error::Backend { .. } | Error::Io { .. })) => {
                 blocking(move || finish.run(None, patience)).await
             }
-            done => done,
+            done => {
+                sh.call_time.record(started.elapsed());
+                done
+            }
         }
     } else {
-        blocking(move || finish.run(Some(log), patience)).await
+        let sh = Arc::clone(&sh);
+        blocking(move || {
+            let started = Instant::now();
+            let done = finish.run(Some(log), patience);
+            if succeeded && done.2.is_none() {
+                sh.call_time.record(started.elapsed());
+            }
+            done
+        })
+        .await
     };
     JobEnd {
         id,
@@ -1417,5 +1470,31 @@ impl Progress {
             self.show(r, 0, 0, true);
             let _ = writeln!(std::io::stderr());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A local store's calls are made on the event loop while they are short, on a thread once
+    /// they are long (on an ext4 without a journal they held up every slot's reaping and
+    /// starting), and on the loop again once they are short again.
+    #[test]
+    fn store_calls_leave_the_event_loop_while_they_are_slow_and_come_back_when_fast() {
+        let t = CallTime::default();
+        assert!(t.short(), "on the loop to begin with");
+        for _ in 0..5 {
+            t.record(Duration::from_micros(80));
+        }
+        assert!(t.short());
+        for _ in 0..20 {
+            t.record(Duration::from_millis(1));
+        }
+        assert!(!t.short(), "1 ms calls go to a thread");
+        for _ in 0..40 {
+            t.record(Duration::from_micros(80));
+        }
+        assert!(t.short(), "back on the loop");
     }
 }
