@@ -616,21 +616,28 @@ fn a_failed_transition_of_a_stolen_lease_is_not_taken_for_applied() {
     assert_eq!(names(&q, "ready").len(), 1);
 }
 
-/// The runner's ack reported EIO after its unlink took effect, and the outcome was recorded
-/// again: the history said "lease lost" for a job that was done.
-#[test]
-fn a_retried_ack_whose_first_try_applied_is_recorded_done_not_lease_lost() {
+/// Pushes one job and drains it with a one-slot runner whose handler succeeds, through `fs`;
+/// the runner must report it done, and no lease lost.
+fn one_job_drained_through(q: &Path, fs: FaultFs) -> (JobId, Arc<FaultFs>, Arc<dyn Store>) {
     use jobspool::runner::{self, Handler, RunnerOptions};
-    use jobspool::store::EventKind;
-    let (_d, q) = queue();
-    let id = DirStore::open(&q, false).unwrap().push(&NewJob::new("x")).unwrap();
-    let (_fs, store) = faulty(&q, FaultFs::failing_after("unlink", 1, nix::libc::EIO));
+    let id = DirStore::open(q, false).unwrap().push(&NewJob::new("x")).unwrap();
+    let (fs, store) = faulty(q, fs);
     let store: Arc<dyn Store> = Arc::new(store);
     let mut o = RunnerOptions::new(Handler::Function(Arc::new(|_| Ok(()))));
     o.slots = 1;
     o.drain = true;
     let report = runner::run(Arc::clone(&store), o).unwrap();
     assert_eq!((report.done, report.lease_lost), (1, 0), "{report:?}");
+    (id, fs, store)
+}
+
+/// The runner's ack reported EIO after its unlink took effect, and the outcome was recorded
+/// again: the history said "lease lost" for a job that was done.
+#[test]
+fn a_retried_ack_whose_first_try_applied_is_recorded_done_not_lease_lost() {
+    use jobspool::store::EventKind;
+    let (_d, q) = queue();
+    let (id, _fs, store) = one_job_drained_through(&q, FaultFs::failing_after("unlink", 1, nix::libc::EIO));
     let history = store.finished(&id).unwrap().expect("a done job keeps its history");
     let kinds: Vec<EventKind> = history.iter().map(|e| e.kind).collect();
     assert!(kinds.contains(&EventKind::Done), "{kinds:?}");
@@ -642,17 +649,9 @@ fn a_retried_ack_whose_first_try_applied_is_recorded_done_not_lease_lost() {
 /// log's trailer written once.
 #[test]
 fn a_success_whose_ack_fails_once_on_the_event_loop_is_acknowledged_by_a_later_try() {
-    use jobspool::runner::{self, Handler, RunnerOptions};
     use jobspool::store::EventKind;
     let (_d, q) = queue();
-    let id = DirStore::open(&q, false).unwrap().push(&NewJob::new("x")).unwrap();
-    let (fs, store) = faulty(&q, FaultFs::failing("unlink", 1, nix::libc::EIO));
-    let store: Arc<dyn Store> = Arc::new(store);
-    let mut o = RunnerOptions::new(Handler::Function(Arc::new(|_| Ok(()))));
-    o.slots = 1;
-    o.drain = true;
-    let report = runner::run(Arc::clone(&store), o).unwrap();
-    assert_eq!((report.done, report.lease_lost), (1, 0), "{report:?}");
+    let (id, fs, store) = one_job_drained_through(&q, FaultFs::failing("unlink", 1, nix::libc::EIO));
     let unlinks = fs.calls().iter().filter(|c| c.starts_with("unlink running/")).count();
     assert_eq!(unlinks, 2, "one failed try, one that took: {:?}", fs.calls());
     assert!(names(&q, "running").is_empty() && names(&q, "ready").is_empty());

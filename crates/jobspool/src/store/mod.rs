@@ -335,8 +335,9 @@ pub trait Store: Send + Sync {
     /// a lock another process holds, for a listing of the whole queue). The caller then makes
     /// the claim with [`Store::claim`], on a thread that may wait.
     ///
-    /// The runner claims on its event loop this way: handing a claim to a thread and back
-    /// costs more than the claim itself (BENCHMARKS.md, profile point 17).
+    /// The runner claims on its event loop this way while a local store's calls stay short:
+    /// handing a claim to a thread and back costs more than the claim itself (BENCHMARKS.md,
+    /// profile point 17).
     fn claim_now(&self, _lease: Duration) -> Option<Result<Option<Claim>>> {
         None
     }
