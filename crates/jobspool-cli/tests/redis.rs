@@ -312,9 +312,11 @@ fn a_frozen_redis_runner_past_its_lease_cannot_acknowledge_the_job_another_finis
         1,
         "acknowledged once: {kinds:?}"
     );
+    // It failed twice in some forty runs of the whole suite, with "leaselost" missing; what the
+    // frozen runner said is kept in the message for the next time.
     assert!(
         kinds.contains(&"reclaimed") && kinds.contains(&"leaselost"),
-        "{kinds:?}"
+        "{kinds:?}\nthe frozen runner's log:\n{err}"
     );
 }
 

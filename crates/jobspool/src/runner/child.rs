@@ -39,7 +39,19 @@ pub struct Handler {
     /// The handler's process id until it is reaped.
     pid: Option<libc::pid_t>,
     pidfd: AsyncFd<OwnedFd>,
+    /// Its cell in the guardian's table, cleared if the handler is dropped unreaped (see
+    /// `Drop`).
+    guardian: Option<GuardianCell>,
 }
+
+/// A handler's cell in the guardian's table (a mapping that outlives every handler, see
+/// [`Spawn::guardian`]).
+struct GuardianCell(std::ptr::NonNull<AtomicI32>);
+
+// SAFETY: the cell is an atomic in a shared mapping that lives as long as the runner; it is
+// only ever read and written atomically.
+unsafe impl Send for GuardianCell {}
+unsafe impl Sync for GuardianCell {}
 
 /// What to give a handler.
 pub struct Spawn<'a> {
@@ -57,7 +69,8 @@ pub struct Spawn<'a> {
     /// Standard error.
     pub stderr: OwnedFd,
     /// The handler's cell in the guardian's table, where it writes its process group before
-    /// exec; see the `reaper` module.
+    /// exec; see the `reaper` module. It must outlive the handler, which clears it if dropped
+    /// unreaped.
     pub guardian: Option<&'a AtomicI32>,
 }
 
@@ -285,7 +298,11 @@ impl Handler {
             unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }.map_err(|e| e.into_parts().1)
         });
         match registered {
-            Ok(pidfd) => Ok(Handler { pid: Some(pid), pidfd }),
+            Ok(pidfd) => Ok(Handler {
+                pid: Some(pid),
+                pidfd,
+                guardian: spec.guardian.map(|cell| GuardianCell(std::ptr::NonNull::from(cell))),
+            }),
             Err(e) => {
                 let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
                 withdraw(pid, spec.guardian);
@@ -368,13 +385,19 @@ fn withdraw(pid: libc::pid_t, guardian: Option<&AtomicI32>) {
 
 impl Drop for Handler {
     /// A handler is never left behind: if it was not reaped (the runner is unwinding), its
-    /// group is killed and it is reaped here.
+    /// group is killed, withdrawn from the guardian, and it is reaped here. Withdrawn before
+    /// the reap: once reaped, its group id may be reused by an unrelated process group, which
+    /// the guardian would kill if the runner then died. Only if the cell still holds this
+    /// group: a cell the runner had already freed may hold another handler's by now.
     fn drop(&mut self) {
-        if self.pid.is_some() {
-            self.signal_group(Signal::SIGKILL);
-            if let Some(pid) = self.pid.take() {
-                let _ = wait(pid);
+        if let Some(pid) = self.pid.take() {
+            let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+            if let Some(cell) = &self.guardian {
+                // SAFETY: see `GuardianCell`.
+                let cell = unsafe { cell.0.as_ref() };
+                let _ = cell.compare_exchange(pid, 0, Ordering::SeqCst, Ordering::SeqCst);
             }
+            let _ = wait(pid);
         }
     }
 }
@@ -406,6 +429,27 @@ mod tests {
             stderr: std::fs::File::create("/dev/null").unwrap().into(),
             guardian: Some(guardian),
         })
+    }
+
+    /// A handler dropped unreaped (the runner unwinding) was killed and reaped, but its group
+    /// stayed registered: had the runner then died, the guardian would have killed that group id,
+    /// by then free for any process to take.
+    #[tokio::test]
+    async fn a_handler_dropped_unreaped_withdraws_its_group_but_never_another_handlers() {
+        let cell = AtomicI32::new(0);
+        let handler = spawn(&["sleep", "30"], &cell).unwrap();
+        let pid = handler.pid() as i32;
+        assert_eq!(cell.load(Ordering::SeqCst), pid);
+        drop(handler);
+        assert_eq!(cell.load(Ordering::SeqCst), 0, "withdrawn when dropped");
+        // SAFETY: kill with signal 0 only checks for existence.
+        assert_eq!(unsafe { libc::kill(pid, 0) }, -1, "killed and reaped");
+
+        // The runner freed the cell and another handler took it: leave that one alone.
+        let handler = spawn(&["sleep", "30"], &cell).unwrap();
+        cell.store(1, Ordering::SeqCst);
+        drop(handler);
+        assert_eq!(cell.load(Ordering::SeqCst), 1);
     }
 
     #[tokio::test]
