@@ -559,23 +559,32 @@ fn check_usage_errors_are_unknown_on_one_line() {
     assert!(stdout(&o).contains("Nagios"), "{}", stdout(&o));
 }
 
+/// Pushes a job, lets a runner (started with `run_args`) claim it, kills the runner with
+/// `kill -9`, waits 1 s (past a 300 ms lease plus one more) and runs `check`.
+fn check_after_a_runner_died_holding_a_job(q: &std::path::Path, run_args: &[&str]) -> std::process::Output {
+    let qs = q_str(q);
+    push(q, &["--id", "stuck", "--payload", "x"]);
+    let mut args = vec!["run", qs];
+    args.extend_from_slice(run_args);
+    args.extend_from_slice(&["--", "sleep", "600"]);
+    let mut r = spawn(&args);
+    wait_for("the job to be claimed", LONG, || count(q, "running") == 1);
+    signal(&r, Signal::SIGKILL);
+    r.wait().unwrap();
+    std::thread::sleep(Duration::from_millis(1000));
+    run(&["check", qs])
+}
+
 #[test]
 fn check_is_critical_for_long_expired_leases_with_no_live_runner() {
     let (_d, q) = queue();
-    let qs = q_str(&q);
     // A short queue lease, so that "long expired" (past expiry by one more lease) comes soon.
     let config = std::fs::read_to_string(q.join("jobspool.toml")).unwrap();
     let short = config.replace("lease = \"30s\"", "lease = \"300ms\"");
     assert_ne!(config, short);
     std::fs::write(q.join("jobspool.toml"), short).unwrap();
-    push(&q, &["--id", "stuck", "--payload", "x"]);
-    let mut r = spawn(&["run", qs, "--", "sleep", "600"]);
-    wait_for("the job to be claimed", LONG, || count(&q, "running") == 1);
-    signal(&r, Signal::SIGKILL);
-    r.wait().unwrap();
     // Past expiry plus one more lease, with no runner alive to reclaim it: critical.
-    std::thread::sleep(Duration::from_millis(1000));
-    let o = run(&["check", qs]);
+    let o = check_after_a_runner_died_holding_a_job(&q, &[]);
     assert_eq!(o.status.code(), Some(2), "{}", stdout(&o));
     assert!(
         stdout(&o).starts_with(
@@ -593,15 +602,8 @@ fn check_is_critical_for_long_expired_leases_with_no_live_runner() {
 #[test]
 fn check_judges_long_expired_leases_by_each_claims_own_lease() {
     let (_d, q) = queue();
-    let qs = q_str(&q);
-    push(&q, &["--id", "stuck", "--payload", "x"]);
     // The queue keeps its default lease (30 s); this runner claims for 300 ms.
-    let mut r = spawn(&["run", qs, "--lease", "300ms", "--", "sleep", "600"]);
-    wait_for("the job to be claimed", LONG, || count(&q, "running") == 1);
-    signal(&r, Signal::SIGKILL);
-    r.wait().unwrap();
-    std::thread::sleep(Duration::from_millis(1000));
-    let o = run(&["check", qs]);
+    let o = check_after_a_runner_died_holding_a_job(&q, &["--lease", "300ms"]);
     assert_eq!(o.status.code(), Some(2), "{}", stdout(&o));
     assert!(
         stdout(&o).contains("1 running job(s) with long-expired leases"),

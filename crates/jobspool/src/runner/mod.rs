@@ -919,7 +919,6 @@ impl Drop for Slot {
 
 /// How an attempt ended, to be recorded: the last output read back, the decision, then
 /// trailer, transition and history in one [`Store::end_attempt`].
-#[derive(Clone)]
 struct Finish {
     store: Arc<dyn Store>,
     lease: Lease,
@@ -936,7 +935,7 @@ impl Finish {
     /// Records the outcome, trying the transition again for up to `patience` while it fails
     /// for a reason that may pass. `log` goes with the first try only: a store that writes the
     /// trailer through it writes it once however often the transition is tried.
-    fn run(self, log: Option<Box<dyn JobLog>>, patience: Duration) -> (Ended, Decision, Option<Error>) {
+    fn run(&self, log: Option<Box<dyn JobLog>>, patience: Duration) -> (Decision, Option<Error>) {
         let Finish {
             store: s,
             lease,
@@ -952,7 +951,7 @@ impl Finish {
         let output = match &ended {
             Ended::Exit(0) | Ended::Stopped | Ended::GivenBack | Ended::LeaseLost => String::new(),
             _ => s
-                .read_log(&lease.id, log_start)
+                .read_log(&lease.id, *log_start)
                 .ok()
                 .flatten()
                 .map(|b| {
@@ -963,7 +962,7 @@ impl Finish {
                 })
                 .unwrap_or_default(),
         };
-        let decision = decide(&ended, attempt, max_attempts, &backoff, &output);
+        let decision = decide(ended, attempt, *max_attempts, backoff, &output);
         let event = |kind: EventKind, detail: String| {
             let mut ev = Event::now(kind, attempt, Some(detail));
             ev.runner = Some(runner.clone());
@@ -986,7 +985,7 @@ impl Finish {
         let mut log = log;
         let result = match &outcome {
             Some((outcome, ev)) => persist(&lease.id, patience, || {
-                s.end_attempt(&lease, log.take(), trailer.as_bytes(), outcome, ev.as_ref())
+                s.end_attempt(lease, log.take(), trailer.as_bytes(), outcome, ev.as_ref())
             }),
             None => Ok(()),
         };
@@ -1004,7 +1003,7 @@ impl Finish {
             }
             let _ = s.record(&lease.id, &event(EventKind::LeaseLost, ended.describe()));
         }
-        (ended, decision, error)
+        (decision, error)
     }
 }
 
@@ -1089,7 +1088,7 @@ async fn run_job(
     };
     let patience = sh.settings.lease.max(OUTCOME_PATIENCE);
     let succeeded = sh.store.is_local() && finish.ended == Ended::Exit(0);
-    let (ended, decision, error) = if succeeded && sh.call_time.short() {
+    let ((decision, error), ended) = if succeeded && sh.call_time.short() {
         // A success is acknowledged on the event loop while the store's calls are short (see
         // `CallTime`), once; a repeat after a failure goes to a thread, where it may wait.
         // But after the freed slot's next handler has started, not before: two turns of the
@@ -1101,13 +1100,13 @@ async fn run_job(
             tokio::task::yield_now().await;
         }
         let started = Instant::now();
-        match finish.clone().run(Some(log), Duration::ZERO) {
-            (_, _, Some(Error::Backend { .. } | Error::Io { .. })) => {
-                blocking(move || finish.run(None, patience)).await
+        match finish.run(Some(log), Duration::ZERO) {
+            (_, Some(Error::Backend { .. } | Error::Io { .. })) => {
+                blocking(move || (finish.run(None, patience), finish.ended)).await
             }
             done => {
                 sh.call_time.record(started.elapsed());
-                done
+                (done, finish.ended)
             }
         }
     } else {
@@ -1115,10 +1114,10 @@ async fn run_job(
         blocking(move || {
             let started = Instant::now();
             let done = finish.run(Some(log), patience);
-            if succeeded && done.2.is_none() {
+            if succeeded && done.1.is_none() {
                 sh.call_time.record(started.elapsed());
             }
-            done
+            (done, finish.ended)
         })
         .await
     };
